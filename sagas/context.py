@@ -1,0 +1,109 @@
+"""What a compensation handler gets besides the event: `CompensationContext`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from schemas.envelope import EventEnvelope
+from schemas.headers import COMPENSATES_HEADER, IDEMPOTENCY_KEY_HEADER, ROLLBACK_ID_HEADER
+
+Headers = list[tuple[str, bytes]]
+
+
+class CommandSink(Protocol):
+    """Where `ctx.send` puts commands: Kafka in the worker, a list in tests."""
+
+    async def send(self, topic: str, value: bytes, key: bytes | None, headers: Headers) -> None:
+        """Deliver one record; return once the destination has accepted it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SentCommand:
+    """A command as it left a compensation (what `sagas.testing` records)."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: Headers
+
+    def json(self) -> Any:
+        """The command value decoded as JSON."""
+        return json.loads(self.value)
+
+    def header(self, name: str) -> str | None:
+        """The first header called `name`, decoded, or None."""
+        for header_name, value in self.headers:
+            if header_name == name:
+                return value.decode()
+        return None
+
+
+@dataclass(slots=True)
+class CompensationContext:
+    """Passed to every compensation handler, with the event being undone.
+
+    Attributes:
+        rollback_id: the rollback (signal) id.
+        deployment_id: the deployment being rolled back.
+        idempotency_key: the same for every attempt and every rollback of this
+            (event, step); services must apply a command at most once per key.
+        attempt: 1 for the first attempt.
+        envelope: the full envelope of the event being undone.
+        saga: name of the saga the step belongs to.
+    """
+
+    rollback_id: str
+    deployment_id: str
+    idempotency_key: str
+    attempt: int
+    envelope: EventEnvelope
+    saga: str
+    sink: CommandSink
+    trace_headers: Headers = field(default_factory=list)
+    sent: list[SentCommand] = field(default_factory=list)
+
+    async def send(
+        self,
+        topic: str,
+        value: dict[str, Any] | BaseModel | bytes | str,
+        *,
+        key: str | bytes | None = None,
+        headers: dict[str, str | bytes] | None = None,
+    ) -> None:
+        """Send a command to the service that owns the data.
+
+        Backout adds the headers `backout-idempotency-key`, `backout-rollback-id`,
+        `backout-compensates` and the trace context; the caller's own headers
+        come first.
+        """
+        record_headers: Headers = [
+            (name, v if isinstance(v, bytes) else v.encode()) for name, v in (headers or {}).items()
+        ]
+        record_headers += [
+            (IDEMPOTENCY_KEY_HEADER, self.idempotency_key.encode()),
+            (ROLLBACK_ID_HEADER, self.rollback_id.encode()),
+            (COMPENSATES_HEADER, self.envelope.event_id.encode()),
+            *self.trace_headers,
+        ]
+        command = SentCommand(
+            topic=topic,
+            value=_encode_value(value),
+            key=key.encode() if isinstance(key, str) else key,
+            headers=record_headers,
+        )
+        await self.sink.send(command.topic, command.value, command.key, command.headers)
+        self.sent.append(command)
+
+
+def _encode_value(value: dict[str, Any] | BaseModel | bytes | str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, BaseModel):
+        return value.model_dump_json().encode()
+    return json.dumps(value, separators=(",", ":"), default=str).encode()

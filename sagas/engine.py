@@ -1,0 +1,500 @@
+"""The rollback engine: signal → plan → runs, late events, operator actions.
+
+It owns no Kafka: commands, status records and dead letters leave through
+the sinks it is given, so the same engine runs in the worker, in the saga
+authors' test harness and in the unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from sagas import tracing
+from sagas.clock import Clock, SystemClock
+from sagas.context import CommandSink
+from sagas.errors import LedgerError, PlanningError
+from sagas.executor import FailureSink, RollbackRun, RunResult
+from sagas.ledger import CompensationState, Ledger, RollbackRecord, TrackedEvent, TrackResult
+from sagas.planner import Plan, plan_compensations
+from sagas.registry import SagaRegistry
+from schemas.signal import RollbackSignal
+from schemas.status import RollbackState, RollbackStatus
+
+log = logging.getLogger(__name__)
+
+RESUMABLE = (RollbackState.RUNNING, RollbackState.ACCEPTED, RollbackState.PLANNING)
+
+
+class StatusSink(Protocol):
+    """Where status records go (`backout.status` in the worker)."""
+
+    async def publish(self, status: RollbackStatus) -> None:
+        """Publish one status record."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Tunables of the engine (the worker fills them from `BACKOUT_*`)."""
+
+    max_compensations: int = 10_000
+    concurrency: int = 64
+    quarantine_seconds: float = 3600.0
+    poll_interval: float = 0.5
+    progress_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlastRadius:
+    """The events a signal covers and the deployments they came from."""
+
+    deployment_ids: list[str]
+    events: list[TrackedEvent]
+
+    @property
+    def deployment_id(self) -> str:
+        """The deployment(s) as one id (comma-joined if a version had several rollouts)."""
+        return ",".join(self.deployment_ids)
+
+
+class RollbackEngine:
+    """Plans and runs rollbacks against one ledger."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        registry: SagaRegistry,
+        *,
+        commands: CommandSink,
+        status: StatusSink | None = None,
+        failures: FailureSink | None = None,
+        clock: Clock | None = None,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.registry = registry
+        self.commands = commands
+        self.status = status
+        self.failures = failures
+        self.clock = clock or SystemClock()
+        self.settings = settings or EngineSettings()
+        self._runs: dict[str, RollbackRun] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._last_tick: dict[str, datetime] = {}
+
+    # -- signals ---------------------------------------------------------------
+
+    async def handle_signal(
+        self, signal: RollbackSignal, *, partition: int | None = None
+    ) -> RollbackRecord:
+        """Accept a rollback signal: plan it, then run it (unless a dry run).
+
+        The same `signal_id` twice is one rollback: the second call returns
+        the existing record and does nothing else.
+        """
+        now = self.clock.now()
+        rollback_id = signal.signal_id
+        created = await self.ledger.create_rollback(
+            rollback_id,
+            signal=signal.model_dump(mode="json"),
+            deployment_id=signal.deployment_id,
+            dry_run=signal.dry_run,
+            state=RollbackState.ACCEPTED,
+            now=now,
+            signal_partition=partition,
+        )
+        if not created:
+            log.info("duplicate signal %s ignored", rollback_id)
+            return await self.ledger.require_rollback(rollback_id)
+        await self._publish(rollback_id)
+        await self._plan_and_start(signal)
+        return await self.ledger.require_rollback(rollback_id)
+
+    async def reject(
+        self,
+        rollback_id: str,
+        error: str,
+        *,
+        deployment_id: str | None = None,
+        signal: dict[str, Any] | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Record and publish a rejected signal (bad fields, bad signature, ...)."""
+        created = await self.ledger.create_rollback(
+            rollback_id,
+            signal=signal or {},
+            deployment_id=deployment_id,
+            dry_run=bool((signal or {}).get("dry_run", False)),
+            state=RollbackState.REJECTED,
+            now=self.clock.now(),
+            signal_partition=partition,
+            error=error,
+        )
+        if created:
+            await self._publish(rollback_id)
+
+    async def blast_radius(self, signal: RollbackSignal) -> BlastRadius:
+        """The events a signal covers.
+
+        Raises:
+            PlanningError: the deployment is unknown or has no events in the window.
+        """
+        if signal.deployment_id is not None:
+            deployment_ids = [signal.deployment_id]
+            label = f"deployment {signal.deployment_id!r}"
+        else:
+            service, version = str(signal.service), str(signal.service_version)
+            deployment_ids = await self.ledger.deployment_ids_for(service, version)
+            label = f"service {service!r} version {version!r}"
+        until = signal.until or signal.issued_at
+        roots: list[TrackedEvent] = []
+        for deployment_id in deployment_ids:
+            roots += await self.ledger.deployment_events(deployment_id, signal.since, until)
+        if not deployment_ids or (not roots and not await self._known(deployment_ids)):
+            raise PlanningError(f"unknown deployment: no events were ever tracked for {label}")
+        if not roots:
+            raise PlanningError(f"{label} has no tracked events between the window's bounds")
+        effects = await self._compensation_effects(roots)
+        roots = [e for e in roots if e.event_id not in effects]
+        events = roots
+        if signal.cascade:
+            closure = await self.ledger.causal_closure(roots)
+            effects = await self._compensation_effects(closure)
+            events = [e for e in closure if e.event_id not in effects]
+        return BlastRadius(deployment_ids=deployment_ids, events=events)
+
+    async def plan(self, signal: RollbackSignal) -> tuple[BlastRadius, Plan]:
+        """Plan a signal without recording anything (the CLI's `plan`)."""
+        radius = await self.blast_radius(signal)
+        return radius, plan_compensations(radius.events, self.registry)
+
+    async def _known(self, deployment_ids: list[str]) -> bool:
+        return any(d.deployment_id in deployment_ids for d in await self.ledger.list_deployments())
+
+    async def _compensation_effects(self, events: list[TrackedEvent]) -> set[str]:
+        """Events that are a service's reaction to a compensation command
+        (their causation id is an idempotency key): never themselves undone."""
+        causes = {e.causation_id for e in events if e.causation_id}
+        if not causes:
+            return set()
+        keys = set(await self.ledger.compensation_states(causes))
+        return {e.event_id for e in events if e.causation_id in keys}
+
+    async def _plan_and_start(self, signal: RollbackSignal) -> None:
+        rollback_id = signal.signal_id
+        now = self.clock.now()
+        await self.ledger.set_rollback_state(rollback_id, RollbackState.PLANNING, now=now)
+        await self._publish(rollback_id)
+        with tracing.tracer().start_as_current_span(
+            tracing.SPAN_PLAN,
+            attributes={tracing.ROLLBACK_ID: rollback_id, tracing.DRY_RUN: signal.dry_run},
+        ) as span:
+            try:
+                radius, plan = await self.plan(signal)
+            except PlanningError as exc:
+                await self._finish(rollback_id, RollbackState.REJECTED, str(exc))
+                return
+            span.set_attribute(tracing.PLANNED, len(plan.items))
+        if len(plan.items) > self.settings.max_compensations and not signal.force:
+            await self._finish(
+                rollback_id,
+                RollbackState.REJECTED,
+                f"blast radius of {len(plan.items)} compensations exceeds the guard "
+                f"BACKOUT_MAX_COMPENSATIONS={self.settings.max_compensations}; "
+                "send the signal again with force=true to proceed",
+            )
+            return
+        state = RollbackState.PLANNED if signal.dry_run else RollbackState.RUNNING
+        quarantine = None
+        if not signal.dry_run:
+            quarantine = now + timedelta(seconds=self.settings.quarantine_seconds)
+        await self.ledger.save_plan(
+            rollback_id,
+            plan.new_compensations(),
+            manual=[n.as_dict() for n in plan.manual],
+            uncovered=[n.as_dict() for n in plan.uncovered],
+            state=state,
+            now=self.clock.now(),
+            quarantine_until=quarantine,
+        )
+        if signal.deployment_id is None:
+            await self.ledger.set_deployment_of(rollback_id, radius.deployment_id)
+        await self._publish(rollback_id)
+        if not signal.dry_run:
+            self._start(rollback_id)
+
+    # -- runs ------------------------------------------------------------------
+
+    def _start(self, rollback_id: str) -> None:
+        task = self._tasks.get(rollback_id)
+        if task is not None and not task.done():
+            self._runs[rollback_id].wake()
+            return
+        self._tasks[rollback_id] = asyncio.create_task(
+            self._drive(rollback_id), name=f"rollback {rollback_id}"
+        )
+
+    async def _drive(self, rollback_id: str) -> None:
+        record = await self.ledger.require_rollback(rollback_id)
+        run = RollbackRun(
+            rollback_id,
+            record.deployment_id or "",
+            ledger=self.ledger,
+            registry=self.registry,
+            sink=self.commands,
+            clock=self.clock,
+            concurrency=self.settings.concurrency,
+            failures=self.failures,
+            on_progress=lambda: self._tick(rollback_id),
+            is_paused=lambda: self._is_paused(rollback_id),
+            poll_interval=self.settings.poll_interval,
+        )
+        self._runs[rollback_id] = run
+        try:
+            with tracing.tracer().start_as_current_span(
+                tracing.SPAN_ROLLBACK,
+                attributes={tracing.ROLLBACK_ID: rollback_id},
+            ):
+                result = await run.run()
+            await self._conclude(rollback_id, record, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Never lose a rollback to a bug or an outage: it stays `running`
+            # in the ledger and resumes on the next reconcile or restart.
+            log.exception("rollback %s interrupted; it will resume", rollback_id)
+        finally:
+            self._runs.pop(rollback_id, None)
+
+    async def _conclude(self, rollback_id: str, record: RollbackRecord, result: RunResult) -> None:
+        if result.paused:
+            await self._publish(rollback_id)
+            return
+        if result.failed:
+            await self._finish(
+                rollback_id,
+                RollbackState.FAILED,
+                f"{len(result.failed)} compensation(s) failed: {', '.join(result.failed[:5])}"
+                " — retry or skip them (backout retry/skip)",
+            )
+            return
+        latest = await self.ledger.require_rollback(rollback_id)
+        warnings = bool(latest.manual or latest.uncovered)
+        state = RollbackState.COMPLETED_WITH_WARNINGS if warnings else RollbackState.COMPLETED
+        await self._finish(rollback_id, state, None)
+
+    async def _finish(self, rollback_id: str, state: RollbackState, error: str | None) -> None:
+        await self.ledger.set_rollback_state(
+            rollback_id, state, now=self.clock.now(), error=error, finished=True
+        )
+        await self._publish(rollback_id)
+
+    async def _is_paused(self, rollback_id: str) -> bool:
+        record = await self.ledger.get_rollback(rollback_id)
+        return record is not None and record.state == RollbackState.PAUSED
+
+    async def _tick(self, rollback_id: str) -> None:
+        now = self.clock.now()
+        last = self._last_tick.get(rollback_id)
+        if last is not None and (now - last).total_seconds() < self.settings.progress_interval:
+            return
+        self._last_tick[rollback_id] = now
+        await self._publish(rollback_id)
+
+    async def resume(self, partitions: Iterable[int] | None = None) -> list[str]:
+        """Start runs for every unfinished rollback (after a restart or a rebalance)."""
+        started = []
+        for record in await self.ledger.active_rollbacks(partitions):
+            if record.rollback_id in self._runs:
+                continue
+            if record.state in (RollbackState.ACCEPTED, RollbackState.PLANNING):
+                # Crashed before the plan was saved: plan again from the signal.
+                await self._replan(record)
+            elif record.state == RollbackState.RUNNING:
+                self._start(record.rollback_id)
+            started.append(record.rollback_id)
+        return started
+
+    async def _replan(self, record: RollbackRecord) -> None:
+        try:
+            signal = RollbackSignal.model_validate(record.signal)
+        except ValueError as exc:
+            await self._finish(record.rollback_id, RollbackState.REJECTED, f"bad signal: {exc}")
+            return
+        await self._plan_and_start(signal)
+
+    async def stop(self, rollback_ids: Iterable[str] | None = None) -> None:
+        """Cancel runs (all, or some); their state stays in the ledger for resuming."""
+        targets = list(self._tasks) if rollback_ids is None else list(rollback_ids)
+        tasks = [self._tasks.pop(r) for r in targets if r in self._tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def running(self) -> list[str]:
+        """Ids of rollbacks with a run in this process."""
+        return [r for r, t in self._tasks.items() if not t.done()]
+
+    async def wait(self, rollback_id: str) -> RollbackRecord:
+        """Wait until the run of `rollback_id` in this process ends."""
+        task = self._tasks.get(rollback_id)
+        if task is not None:
+            await asyncio.shield(task)
+        return await self.ledger.require_rollback(rollback_id)
+
+    # -- tracking feedback ---------------------------------------------------------
+
+    async def on_tracked(self, result: TrackResult) -> None:
+        """Feed a tracked batch back: confirmations wake runs, late events join rollbacks."""
+        if result.confirmed_keys:
+            for run in list(self._runs.values()):
+                run.confirmed(result.confirmed_keys)
+        if result.new_events:
+            await self._late_events(result.new_events)
+
+    async def _late_events(self, events: list[TrackedEvent]) -> None:
+        now = self.clock.now()
+        open_rollbacks = await self.ledger.quarantining_rollbacks(now)
+        if not open_rollbacks:
+            return
+        effects = await self._compensation_effects(events)
+        candidates = [e for e in events if e.event_id not in effects]
+        parents = await self.ledger.events_by_id(
+            e.causation_id for e in candidates if e.causation_id
+        )
+        for record in open_rollbacks:
+            deployments = set((record.deployment_id or "").split(","))
+            planned = {c.event_id for c in await self.ledger.plan_items(record.rollback_id)}
+            cascade = bool(record.signal.get("cascade", True))
+            late = [
+                e
+                for e in candidates
+                if e.event_id not in planned
+                and (
+                    e.deployment_id in deployments
+                    or (
+                        cascade
+                        and e.causation_id in parents
+                        and (
+                            parents[e.causation_id].deployment_id in deployments
+                            or e.causation_id in planned
+                        )
+                    )
+                )
+            ]
+            if late:
+                await self._add_late(record, late, first_position=len(planned))
+
+    async def _add_late(
+        self, record: RollbackRecord, late: list[TrackedEvent], *, first_position: int
+    ) -> None:
+        plan = plan_compensations(late, self.registry, first_position=first_position + 1_000_000)
+        now = self.clock.now()
+        await self.ledger.add_items(record.rollback_id, plan.new_compensations(late=True), now=now)
+        await self.ledger.add_manual(
+            record.rollback_id, [n.as_dict() for n in plan.manual + plan.uncovered], now=now
+        )
+        if plan.items:
+            await self.ledger.set_rollback_state(
+                record.rollback_id,
+                RollbackState.RUNNING,
+                now=now,
+                only_from=[
+                    RollbackState.RUNNING,
+                    RollbackState.COMPLETED,
+                    RollbackState.COMPLETED_WITH_WARNINGS,
+                    RollbackState.FAILED,
+                ],
+            )
+            # Started here even if another worker owns the rollback: the
+            # ledger's claims keep the two runs from doing the same step twice.
+            self._start(record.rollback_id)
+        await self._publish(record.rollback_id)
+
+    # -- operator actions ------------------------------------------------------------
+
+    async def pause(self, rollback_id: str) -> None:
+        """Stop starting new compensations; in-flight ones finish."""
+        record = await self.ledger.require_rollback(rollback_id)
+        if record.state != RollbackState.RUNNING:
+            raise LedgerError(f"rollback {rollback_id!r} is {record.state}, not running")
+        await self.ledger.set_rollback_state(
+            rollback_id, RollbackState.PAUSED, now=self.clock.now(), only_from=["running"]
+        )
+        run = self._runs.get(rollback_id)
+        if run is not None:
+            run.wake()
+        await self._publish(rollback_id)
+
+    async def resume_rollback(self, rollback_id: str) -> None:
+        """Continue a paused (or failed, after retries/skips) rollback."""
+        record = await self.ledger.require_rollback(rollback_id)
+        if record.state not in (RollbackState.PAUSED, RollbackState.FAILED):
+            raise LedgerError(f"rollback {rollback_id!r} is {record.state}, not paused or failed")
+        await self.ledger.set_rollback_state(
+            rollback_id, RollbackState.RUNNING, now=self.clock.now()
+        )
+        await self._publish(rollback_id)
+        self._start(rollback_id)
+
+    async def retry(self, key: str) -> list[str]:
+        """Give a failed compensation a fresh attempt budget and resume its rollbacks."""
+        await self.ledger.retry_compensation(key, now=self.clock.now())
+        return await self._reopen(key)
+
+    async def skip(self, key: str, reason: str) -> list[str]:
+        """Give up on a compensation on purpose; its dependents may go on."""
+        if not reason.strip():
+            raise LedgerError("skipping a compensation needs a reason")
+        await self.ledger.skip_compensation(key, reason=reason, now=self.clock.now())
+        return await self._reopen(key)
+
+    async def _reopen(self, key: str) -> list[str]:
+        reopened = []
+        for rollback_id in await self.ledger.rollbacks_of(key):
+            moved = await self.ledger.set_rollback_state(
+                rollback_id,
+                RollbackState.RUNNING,
+                now=self.clock.now(),
+                only_from=[RollbackState.FAILED, RollbackState.RUNNING],
+            )
+            if moved:
+                reopened.append(rollback_id)
+                await self._publish(rollback_id)
+                self._start(rollback_id)
+        return reopened
+
+    # -- status ------------------------------------------------------------------------
+
+    async def status_of(self, rollback_id: str) -> RollbackStatus:
+        """The current status record of a rollback."""
+        record = await self.ledger.require_rollback(rollback_id)
+        counts = await self.ledger.counts(rollback_id)
+        return RollbackStatus(
+            rollback_id=rollback_id,
+            deployment_id=record.deployment_id,
+            dry_run=record.dry_run,
+            state=RollbackState(record.state),
+            planned=counts.planned,
+            applied=counts.applied,
+            confirmed=counts.confirmed,
+            failed=counts.failed,
+            skipped=counts.skipped,
+            manual=counts.manual,
+            uncovered=counts.uncovered,
+            late=counts.late,
+            error=record.error,
+            updated_at=self.clock.now(),
+        )
+
+    async def _publish(self, rollback_id: str) -> None:
+        if self.status is None:
+            return
+        await self.status.publish(await self.status_of(rollback_id))
+
+
+__all__ = ["BlastRadius", "CompensationState", "EngineSettings", "RollbackEngine", "StatusSink"]

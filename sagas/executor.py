@@ -1,0 +1,515 @@
+"""Runs one rollback's plan until every compensation is done, failed or blocked.
+
+The executor records intent before calling a handler (`claim`: pending →
+running, in one transaction for a whole batch) and the outcome after (one
+transaction per batch of finished attempts), so a crash at any point leaves
+the ledger saying exactly what may have happened: `running` means "maybe",
+and is re-run with the same idempotency key when the rollback resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from opentelemetry.trace import Span, Status, StatusCode
+
+from sagas import tracing
+from sagas.clock import Clock
+from sagas.context import CommandSink, CompensationContext
+from sagas.definition import CompensationStep
+from sagas.errors import CompensationError, PermanentError, UpcastError
+from sagas.ledger import DONE_STATES, CompensationRecord, Ledger, Outcome, TrackedEvent
+from sagas.ledger import CompensationState as S
+from sagas.registry import Compensate, SagaRegistry
+from schemas.envelope import EventEnvelope
+
+log = logging.getLogger(__name__)
+
+
+class FailureSink(Protocol):
+    """Told about every compensation that exhausted its retries (→ DLQ)."""
+
+    async def compensation_failed(
+        self, rollback_id: str, item: CompensationRecord, event: TrackedEvent, error: str
+    ) -> None:
+        """Record the failure somewhere an operator looks."""
+
+
+@dataclass(slots=True)
+class _Item:
+    record: CompensationRecord
+    step: CompensationStep
+    state: S
+    attempts: int
+    next_attempt_at: datetime | None
+    confirm_deadline: datetime | None
+    dependents: list[str] = field(default_factory=list)
+    waiting_on: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.record.idempotency_key
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run of a rollback ended."""
+
+    finished: bool  # every compensation done (applied/confirmed/skipped)
+    failed: list[str]  # keys failed (the rollback waits for an operator)
+    paused: bool
+
+
+class RollbackRun:
+    """One execution of one rollback's plan.
+
+    Args:
+        rollback_id: the rollback.
+        deployment_id: the deployment it undoes (passed to handlers).
+        ledger, registry, sink, clock: the engine's dependencies.
+        concurrency: compensations in flight at once (across instances).
+        failures: told about exhausted compensations.
+        on_progress: called after every batch of state changes.
+        is_paused: async callable telling whether an operator paused the rollback.
+        poll_interval: seconds between checks of the ledger for confirmations
+            recorded by other workers and for operator actions.
+    """
+
+    def __init__(
+        self,
+        rollback_id: str,
+        deployment_id: str,
+        *,
+        ledger: Ledger,
+        registry: SagaRegistry,
+        sink: CommandSink,
+        clock: Clock,
+        concurrency: int = 64,
+        failures: FailureSink | None = None,
+        on_progress: Callable[[], Any] | None = None,
+        is_paused: Callable[[], Any] | None = None,
+        poll_interval: float = 0.5,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.rollback_id = rollback_id
+        self.deployment_id = deployment_id
+        self.ledger = ledger
+        self.registry = registry
+        self.sink = sink
+        self.clock = clock
+        self.concurrency = max(1, concurrency)
+        self.failures = failures
+        self.on_progress = on_progress
+        self.is_paused = is_paused
+        self.poll_interval = poll_interval
+        self.rng = rng or random.Random()
+        self._items: dict[str, _Item] = {}
+        self._events: dict[str, TrackedEvent] = {}
+        self._wake = asyncio.Event()
+        self._inflight: dict[asyncio.Task[Outcome], str] = {}
+        self._running_here: set[str] = set()
+        # Keys whose dependencies are done and that are pending; the heap
+        # orders them by plan position and may hold stale entries.
+        self._ready: set[str] = set()
+        self._ready_heap: list[tuple[int, str]] = []
+        self._next_position = 0
+        # Blocking is re-derived only after a failure appears or goes away.
+        self._blocking_changed = True
+
+    def wake(self) -> None:
+        """Re-check the ledger now (new confirmations, late items, operator action)."""
+        self._wake.set()
+
+    def confirmed(self, keys: list[str]) -> None:
+        """Confirmations tracked in this process: apply without a ledger round trip."""
+        hit = False
+        for key in keys:
+            item = self._items.get(key)
+            if item is not None and item.state not in (S.CONFIRMED, S.SKIPPED):
+                self._set_state(item, S.CONFIRMED)
+                hit = True
+        if hit:
+            self._wake.set()
+
+    async def run(self) -> RunResult:
+        """Run until nothing is left to do now; see `RunResult`."""
+        await self.ledger.release_claims(self.rollback_id, now=self.clock.now())
+        await self._load()
+        try:
+            return await self._loop()
+        finally:
+            for task in self._inflight:
+                task.cancel()
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _load(self) -> None:
+        """Read new plan items (late events) and states changed outside this run."""
+        fresh = await self.ledger.plan_items(self.rollback_id, min_position=self._next_position)
+        fresh = [r for r in fresh if r.idempotency_key not in self._items]
+        missing_events = {r.event_id for r in fresh} - set(self._events)
+        if missing_events:
+            self._events.update(await self.ledger.events_by_id(missing_events))
+        for record in fresh:
+            self._next_position = max(self._next_position, record.position + 1)
+            self._items[record.idempotency_key] = _Item(
+                record=record,
+                step=self._step_for(record),
+                state=record.state,
+                attempts=record.attempts,
+                next_attempt_at=record.next_attempt_at,
+                confirm_deadline=record.confirm_deadline,
+            )
+        for record in fresh:
+            item = self._items[record.idempotency_key]
+            for dependency in record.depends_on:
+                if dependency in self._items:
+                    self._items[dependency].dependents.append(item.key)
+            self._index(item)
+        watched = [
+            k
+            for k, i in self._items.items()
+            if i.state not in (S.CONFIRMED, S.SKIPPED)
+            and not (i.state == S.APPLIED and i.step.confirm is None)
+            and k not in self._running_here
+        ]
+        if not watched or (fresh and len(fresh) == len(self._items)):
+            return
+        for record in await self.ledger.get_compensations(watched):
+            item = self._items[record.idempotency_key]
+            if record.state != item.state and record.idempotency_key not in self._running_here:
+                item.attempts = record.attempts
+                item.next_attempt_at = record.next_attempt_at
+                item.confirm_deadline = record.confirm_deadline
+                self._set_state(item, record.state)
+
+    def _index(self, item: _Item) -> None:
+        """Count the dependencies of a new item not yet done."""
+        item.waiting_on = sum(
+            1
+            for d in item.record.depends_on
+            if d in self._items and self._items[d].state not in DONE_STATES
+        )
+        if item.state == S.PENDING and item.waiting_on == 0:
+            self._mark_ready(item)
+
+    def _mark_ready(self, item: _Item) -> None:
+        if item.key not in self._ready:
+            self._ready.add(item.key)
+            heapq.heappush(self._ready_heap, (item.record.position, item.key))
+
+    def _set_state(self, item: _Item, state: S) -> None:
+        """The one place a state changes in memory: keeps the ready set exact."""
+        before = item.state
+        if before == state:
+            return
+        item.state = state
+        if S.FAILED in (before, state) or S.BLOCKED in (before, state):
+            self._blocking_changed = True
+        self._ready.discard(item.key)
+        if state == S.PENDING and item.waiting_on == 0:
+            self._mark_ready(item)
+        was_done, is_done = before in DONE_STATES, state in DONE_STATES
+        if was_done == is_done:
+            return
+        for key in item.dependents:
+            dependent = self._items[key]
+            dependent.waiting_on += -1 if is_done else 1
+            if dependent.state == S.PENDING and dependent.waiting_on == 0:
+                self._mark_ready(dependent)
+            elif dependent.waiting_on:
+                self._ready.discard(key)
+
+    def _step_for(self, record: CompensationRecord) -> CompensationStep:
+        resolution = self.registry.resolve(record.event_type, record.target_version)
+        if isinstance(resolution, Compensate) and resolution.step.name == record.step:
+            return resolution.step
+        for saga in self.registry.sagas:
+            for step in saga.steps.values():
+                if step.name == record.step:
+                    return step
+        raise UpcastError(
+            f"compensation {record.idempotency_key} needs step {record.step!r}, "
+            "which no loaded saga module defines any more"
+        )
+
+    async def _loop(self) -> RunResult:
+        last_poll = self.clock.now()
+        while True:
+            if self.is_paused is not None and await self.is_paused():
+                return RunResult(finished=False, failed=[], paused=True)
+            now = self.clock.now()
+            await self._expire_confirmations(now)
+            await self._block_and_unblock(now)
+            await self._start_ready(now)
+            if not self._inflight and self._nothing_left_to_wait_for():
+                failed = [k for k, i in self._items.items() if i.state == S.FAILED]
+                finished = all(i.state in DONE_STATES for i in self._items.values())
+                return RunResult(finished=finished, failed=failed, paused=False)
+            await self._wait(now)
+            await self._collect()
+            if (
+                self._wake.is_set()
+                or (self.clock.now() - last_poll).total_seconds() >= self.poll_interval
+            ):
+                self._wake.clear()
+                last_poll = self.clock.now()
+                await self._load()
+            if self.on_progress is not None:
+                await _maybe_await(self.on_progress())
+
+    def _nothing_left_to_wait_for(self) -> bool:
+        for item in self._items.values():
+            if item.state in (S.PENDING, S.RUNNING):
+                return False
+            if item.state == S.APPLIED and item.step.confirm is not None:
+                return False
+        return True
+
+    def _dependencies_done(self, item: _Item) -> bool:
+        return all(
+            self._items[d].state in DONE_STATES for d in item.record.depends_on if d in self._items
+        )
+
+    def _dependency_failed(self, item: _Item) -> bool:
+        return any(
+            self._items[d].state in (S.FAILED, S.BLOCKED)
+            for d in item.record.depends_on
+            if d in self._items
+        )
+
+    async def _block_and_unblock(self, now: datetime) -> None:
+        if not self._blocking_changed:
+            return
+        self._blocking_changed = False
+        to_block = [
+            k for k, i in self._items.items() if i.state == S.PENDING and self._dependency_failed(i)
+        ]
+        to_unblock = [
+            k
+            for k, i in self._items.items()
+            if i.state == S.BLOCKED and not self._dependency_failed(i)
+        ]
+        if to_block:
+            for key in await self.ledger.set_states(
+                to_block, S.BLOCKED, now=now, only_from=[S.PENDING]
+            ):
+                self._set_state(self._items[key], S.BLOCKED)
+        if to_unblock:
+            for key in await self.ledger.set_states(
+                to_unblock, S.PENDING, now=now, only_from=[S.BLOCKED]
+            ):
+                self._set_state(self._items[key], S.PENDING)
+
+    async def _start_ready(self, now: datetime) -> None:
+        free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return
+        ready: list[_Item] = []
+        chosen: set[str] = set()
+        deferred: list[tuple[int, str]] = []
+        while self._ready_heap and len(ready) < free:
+            position, key = heapq.heappop(self._ready_heap)
+            item = self._items[key]
+            if key not in self._ready or key in chosen:
+                continue
+            if item.next_attempt_at is not None and item.next_attempt_at > now:
+                deferred.append((position, key))
+                continue
+            ready.append(item)
+            chosen.add(key)
+        for entry in deferred:
+            heapq.heappush(self._ready_heap, entry)
+        if not ready:
+            return
+        claimed = set(
+            await self.ledger.claim([i.key for i in ready], now=now, rollback_id=self.rollback_id)
+        )
+        for item in ready:
+            # Not claimed: another rollback's run holds it; its state arrives by polling.
+            self._set_state(item, S.RUNNING)
+            if item.key not in claimed:
+                continue
+            item.attempts += 1
+            self._running_here.add(item.key)
+            task = asyncio.create_task(self._attempt(item, item.attempts))
+            self._inflight[task] = item.key
+
+    async def _wait(self, now: datetime) -> None:
+        timeouts = [self.poll_interval]
+        for item in self._items.values():
+            if item.state == S.PENDING and item.next_attempt_at is not None:
+                timeouts.append((item.next_attempt_at - now).total_seconds())
+            if item.state == S.APPLIED and item.confirm_deadline is not None:
+                timeouts.append((item.confirm_deadline - now).total_seconds())
+        delay = max(0.0, min(timeouts))
+        waiters: set[asyncio.Future[Any]] = set(self._inflight)
+        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        woken = asyncio.ensure_future(self._wake.wait())
+        waiters |= {sleeper, woken}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for helper in (sleeper, woken):
+                if not helper.done():
+                    helper.cancel()
+
+    async def _collect(self) -> None:
+        done = [task for task in self._inflight if task.done()]
+        if not done:
+            return
+        outcomes = []
+        for task in done:
+            self._running_here.discard(self._inflight.pop(task))
+            outcomes.append(task.result())
+        await self.ledger.record_outcomes(outcomes, now=self.clock.now())
+        for outcome in outcomes:
+            item = self._items[outcome.idempotency_key]
+            if item.state == S.RUNNING:  # not overtaken by a confirmation
+                item.next_attempt_at = outcome.next_attempt_at
+                item.confirm_deadline = outcome.confirm_deadline
+                self._set_state(item, outcome.state)
+            if outcome.state == S.FAILED and self.failures is not None:
+                event = self._events[item.record.event_id]
+                await self.failures.compensation_failed(
+                    self.rollback_id, item.record, event, outcome.error or "failed"
+                )
+
+    async def _expire_confirmations(self, now: datetime) -> None:
+        expired = [
+            item
+            for item in self._items.values()
+            if item.state == S.APPLIED
+            and item.step.confirm is not None
+            and item.confirm_deadline is not None
+            and item.confirm_deadline <= now
+        ]
+        for item in expired:
+            exhausted = item.step.retry.exhausted(item.attempts)
+            error = (
+                f"no {item.step.confirm} confirmed {item.key} within "
+                f"{item.step.confirm_timeout:g}s (attempt {item.attempts})"
+            )
+            next_state = S.FAILED if exhausted else S.PENDING
+            changed = await self.ledger.expire_confirmations(
+                [item.key], now=now, next_state=next_state, error=error
+            )
+            if item.key in changed:
+                item.next_attempt_at = now
+                self._set_state(item, next_state)
+                if exhausted and self.failures is not None:
+                    await self.failures.compensation_failed(
+                        self.rollback_id, item.record, self._events[item.record.event_id], error
+                    )
+
+    async def _attempt(self, item: _Item, attempt: int) -> Outcome:
+        event = self._events[item.record.event_id]
+        with tracing.tracer().start_as_current_span(
+            tracing.SPAN_COMPENSATE,
+            links=tracing.link_to(event.traceparent, event.tracestate),
+            attributes={
+                tracing.ROLLBACK_ID: self.rollback_id,
+                tracing.DEPLOYMENT_ID: self.deployment_id,
+                tracing.EVENT_ID: event.event_id,
+                tracing.EVENT_TYPE: event.event_type,
+                tracing.SAGA: item.step.saga,
+                tracing.STEP: item.step.name,
+                tracing.IDEMPOTENCY_KEY: item.key,
+                tracing.ATTEMPT: attempt,
+            },
+        ) as span:
+            outcome = await self._call(item, event, attempt)
+            _record_outcome(span, outcome)
+            return outcome
+
+    async def _call(self, item: _Item, event: TrackedEvent, attempt: int) -> Outcome:
+        step = item.step
+        now_error: str
+        try:
+            argument = self._argument(step, event)
+            context = CompensationContext(
+                rollback_id=self.rollback_id,
+                deployment_id=self.deployment_id,
+                idempotency_key=item.key,
+                attempt=attempt,
+                envelope=_envelope(event),
+                saga=step.saga,
+                sink=self.sink,
+                trace_headers=tracing.current_headers(),
+            )
+            await asyncio.wait_for(step.handler(argument, context), timeout=step.retry.timeout)
+        except PermanentError as exc:
+            return Outcome(item.key, S.FAILED, error=f"permanent error: {exc}")
+        except (UpcastError, ValueError) as exc:
+            # The payload cannot be brought to the handler's model: retrying
+            # the same bytes cannot help.
+            return Outcome(item.key, S.FAILED, error=f"cannot build the handler's input: {exc}")
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            now_error = f"handler timed out after {step.retry.timeout:g}s"
+            return self._retry_or_fail(item, attempt, now_error, None)
+        except CompensationError as exc:
+            return self._retry_or_fail(item, attempt, str(exc), exc.next_retry_delay)
+        except Exception as exc:  # a user handler: any error is retried per policy
+            return self._retry_or_fail(item, attempt, f"{type(exc).__name__}: {exc}", None)
+        now = self.clock.now()
+        if step.confirm is None:
+            return Outcome(item.key, S.APPLIED)
+        return Outcome(
+            item.key, S.APPLIED, confirm_deadline=now + timedelta(seconds=step.confirm_timeout)
+        )
+
+    def _argument(self, step: CompensationStep, event: TrackedEvent) -> Any:
+        payload = self.registry.upcast(
+            event.event_type, event.schema_version, step.version, event.payload
+        )
+        if step.model is None:
+            return payload
+        return step.model.model_validate(payload)
+
+    def _retry_or_fail(self, item: _Item, attempt: int, error: str, delay: float | None) -> Outcome:
+        policy = item.step.retry
+        if policy.exhausted(attempt):
+            return Outcome(item.key, S.FAILED, error=f"gave up after {attempt} attempts: {error}")
+        wait = delay if delay is not None else policy.delay(attempt, self.rng)
+        return Outcome(
+            item.key,
+            S.PENDING,
+            error=error,
+            next_attempt_at=self.clock.now() + timedelta(seconds=wait),
+        )
+
+
+def _record_outcome(span: Span, outcome: Outcome) -> None:
+    span.set_attribute(tracing.OUTCOME, outcome.state.value)
+    if outcome.state in (S.PENDING, S.FAILED):
+        span.set_status(Status(StatusCode.ERROR, outcome.error or outcome.state.value))
+
+
+def _envelope(event: TrackedEvent) -> EventEnvelope:
+    return EventEnvelope(
+        event_id=event.event_id,
+        event_type=event.event_type,
+        schema_version=event.schema_version,
+        service=event.service,
+        service_version=event.service_version,
+        deployment_id=event.deployment_id,
+        occurred_at=event.occurred_at,
+        correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+        key=event.key,
+        payload=event.payload,
+    )
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        await value

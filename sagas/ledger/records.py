@@ -1,0 +1,181 @@
+"""Plain records read from and written to the ledger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class CompensationState(StrEnum):
+    """State machine of one compensation (one (event, step), shared by rollbacks).
+
+    pending → running → applied → confirmed; running → pending (retry later);
+    running → failed; failed → pending (operator retry) or skipped (operator skip);
+    pending → blocked when something it depends on failed, and back.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    APPLIED = "applied"
+    CONFIRMED = "confirmed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    BLOCKED = "blocked"
+
+
+# States in which a compensation no longer holds up the steps after it.
+DONE_STATES = frozenset(
+    {CompensationState.APPLIED, CompensationState.CONFIRMED, CompensationState.SKIPPED}
+)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything in the ledger is UTC."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedEvent:
+    """An envelope as the ledger stores it, with where it was read from."""
+
+    event_id: str
+    event_type: str
+    schema_version: int
+    service: str
+    service_version: str
+    deployment_id: str
+    occurred_at: datetime
+    payload: dict[str, Any]
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    key: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedOffset:
+    """The next offset to read for a (group, topic, partition), stored with its batch."""
+
+    group_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrackResult:
+    """What one tracking batch changed."""
+
+    new_events: list[TrackedEvent]
+    duplicates: int
+    confirmed_keys: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSummary:
+    """A deployment with its tracked event counts by (type, version)."""
+
+    deployment_id: str
+    service: str
+    service_version: str
+    first_event_at: datetime
+    last_event_at: datetime
+    events: int
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackRecord:
+    """A rollback as stored."""
+
+    rollback_id: str
+    deployment_id: str | None
+    state: str
+    dry_run: bool
+    signal: dict[str, Any]
+    error: str | None
+    manual: list[dict[str, Any]]
+    uncovered: list[dict[str, Any]]
+    signal_partition: int | None
+    quarantine_until: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompensationRecord:
+    """One compensation as part of one rollback's plan."""
+
+    idempotency_key: str
+    event_id: str
+    saga: str
+    step: str
+    event_type: str
+    target_version: int
+    correlation_id: str | None
+    state: CompensationState
+    attempts: int
+    last_error: str | None
+    confirm_type: str | None
+    confirm_deadline: datetime | None
+    next_attempt_at: datetime | None
+    skip_reason: str | None
+    position: int = 0
+    depends_on: tuple[str, ...] = ()
+    late: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NewCompensation:
+    """A planned compensation to insert (ignored if its key already exists)."""
+
+    idempotency_key: str
+    event_id: str
+    saga: str
+    step: str
+    event_type: str
+    target_version: int
+    correlation_id: str | None
+    confirm_type: str | None
+    position: int
+    depends_on: tuple[str, ...]
+    late: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt, written by the executor in batches."""
+
+    idempotency_key: str
+    state: CompensationState
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    confirm_deadline: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Status counts of a rollback (DESIGN §2.4)."""
+
+    planned: int = 0
+    applied: int = 0
+    confirmed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    manual: int = 0
+    uncovered: int = 0
+    late: int = 0
+    pending: int = 0
+    running: int = 0
+    blocked: int = 0

@@ -1,0 +1,602 @@
+"""Ledger operations on rollbacks, their plans, and the compensation state machine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sagas.errors import LedgerError
+from sagas.ledger import tables as t
+from sagas.ledger.dialect import insert_ignoring_duplicates
+from sagas.ledger.records import (
+    CompensationRecord,
+    CompensationState,
+    Counts,
+    NewCompensation,
+    Outcome,
+    RollbackRecord,
+    as_utc,
+)
+from sagas.ledger.tracking import chunks
+
+S = CompensationState
+ACTIVE_ROLLBACK_STATES = ("accepted", "planning", "running", "paused")
+
+
+def rollback_from_row(row: Row[Any]) -> RollbackRecord:
+    """Build a `RollbackRecord` from a `rollbacks` row."""
+    m = row._mapping
+    return RollbackRecord(
+        rollback_id=m["rollback_id"],
+        deployment_id=m["deployment_id"],
+        state=m["state"],
+        dry_run=bool(m["dry_run"]),
+        signal=m["signal"],
+        error=m["error"],
+        manual=list(m["manual"] or []),
+        uncovered=list(m["uncovered"] or []),
+        signal_partition=m["signal_partition"],
+        quarantine_until=as_utc(m["quarantine_until"]),
+        created_at=as_utc(m["created_at"]),  # type: ignore[arg-type]
+        updated_at=as_utc(m["updated_at"]),  # type: ignore[arg-type]
+        finished_at=as_utc(m["finished_at"]),
+    )
+
+
+def compensation_from_row(row: Row[Any]) -> CompensationRecord:
+    """Build a `CompensationRecord` from a compensations ⨝ rollback_items row."""
+    m = row._mapping
+    return CompensationRecord(
+        idempotency_key=m["idempotency_key"],
+        event_id=m["event_id"],
+        saga=m["saga"],
+        step=m["step"],
+        event_type=m["event_type"],
+        target_version=m["target_version"],
+        correlation_id=m["correlation_id"],
+        state=S(m["state"]),
+        attempts=m["attempts"],
+        last_error=m["last_error"],
+        confirm_type=m["confirm_type"],
+        confirm_deadline=as_utc(m["confirm_deadline"]),
+        next_attempt_at=as_utc(m["next_attempt_at"]),
+        skip_reason=m["skip_reason"],
+        position=m.get("position", 0),
+        depends_on=tuple(m.get("depends_on") or ()),
+        late=bool(m.get("late", False)),
+    )
+
+
+class RollbackStore:
+    """Rollbacks, plans and compensation states."""
+
+    engine: AsyncEngine
+
+    async def create_rollback(
+        self,
+        rollback_id: str,
+        *,
+        signal: dict[str, Any],
+        deployment_id: str | None,
+        dry_run: bool,
+        state: str,
+        now: datetime,
+        signal_partition: int | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Record a new rollback; False when the id exists (a duplicate signal)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                insert_ignoring_duplicates(conn, t.rollbacks, ["rollback_id"]).returning(
+                    t.rollbacks.c.rollback_id
+                ),
+                [
+                    {
+                        "rollback_id": rollback_id,
+                        "deployment_id": deployment_id,
+                        "state": state,
+                        "dry_run": dry_run,
+                        "signal": signal,
+                        "error": error,
+                        "manual": [],
+                        "uncovered": [],
+                        "signal_partition": signal_partition,
+                        "created_at": now,
+                        "updated_at": now,
+                        "finished_at": now if error else None,
+                    }
+                ],
+            )
+            return result.first() is not None
+
+    async def get_rollback(self, rollback_id: str) -> RollbackRecord | None:
+        """One rollback, or None."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.rollbacks).where(t.rollbacks.c.rollback_id == rollback_id)
+                )
+            ).first()
+        return rollback_from_row(row) if row else None
+
+    async def require_rollback(self, rollback_id: str) -> RollbackRecord:
+        """One rollback; `LedgerError` naming the id when unknown."""
+        found = await self.get_rollback(rollback_id)
+        if found is None:
+            raise LedgerError(f"unknown rollback {rollback_id!r}")
+        return found
+
+    async def list_rollbacks(self, limit: int = 100) -> list[RollbackRecord]:
+        """The most recent rollbacks, newest first."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.rollbacks).order_by(t.rollbacks.c.created_at.desc()).limit(limit)
+            )
+            return [rollback_from_row(r) for r in result.all()]
+
+    async def active_rollbacks(
+        self, partitions: Iterable[int] | None = None
+    ) -> list[RollbackRecord]:
+        """Rollbacks not finished (to resume), optionally only from some signal partitions."""
+        query = select(t.rollbacks).where(t.rollbacks.c.state.in_(ACTIVE_ROLLBACK_STATES))
+        if partitions is not None:
+            query = query.where(t.rollbacks.c.signal_partition.in_(sorted(set(partitions))))
+        async with self.engine.connect() as conn:
+            result = await conn.execute(query.order_by(t.rollbacks.c.created_at))
+            return [rollback_from_row(r) for r in result.all()]
+
+    async def quarantining_rollbacks(self, now: datetime) -> list[RollbackRecord]:
+        """Executed rollbacks whose late-event quarantine is still open."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.rollbacks).where(
+                    t.rollbacks.c.quarantine_until > now,
+                    t.rollbacks.c.dry_run.is_(False),
+                    t.rollbacks.c.state.not_in(("rejected", "planned", "accepted", "planning")),
+                )
+            )
+            return [rollback_from_row(r) for r in result.all()]
+
+    async def set_rollback_state(
+        self,
+        rollback_id: str,
+        state: str,
+        *,
+        now: datetime,
+        error: str | None = None,
+        finished: bool = False,
+        only_from: Sequence[str] | None = None,
+    ) -> bool:
+        """Move a rollback to `state` (only from `only_from` states when given)."""
+        values: dict[str, Any] = {"state": state, "updated_at": now, "error": error}
+        if finished:
+            values["finished_at"] = now
+        query = update(t.rollbacks).where(t.rollbacks.c.rollback_id == rollback_id)
+        if only_from is not None:
+            query = query.where(t.rollbacks.c.state.in_(only_from))
+        async with self.engine.begin() as conn:
+            result = await conn.execute(query.values(**values))
+            return bool(result.rowcount)
+
+    async def set_deployment_of(self, rollback_id: str, deployment_id: str) -> None:
+        """Record which deployment(s) a rollback named by service + version resolved to."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(t.rollbacks)
+                .where(t.rollbacks.c.rollback_id == rollback_id)
+                .values(deployment_id=deployment_id)
+            )
+
+    async def save_plan(
+        self,
+        rollback_id: str,
+        items: Sequence[NewCompensation],
+        *,
+        manual: list[dict[str, Any]],
+        uncovered: list[dict[str, Any]],
+        state: str,
+        now: datetime,
+        quarantine_until: datetime | None = None,
+    ) -> None:
+        """Store a plan and move the rollback to `state`, in one transaction.
+
+        Compensations already known (from an earlier rollback of the same
+        events) keep their state: done work is never redone.
+        """
+        async with self.engine.begin() as conn:
+            await self._insert_items(conn, rollback_id, items, now)
+            await conn.execute(
+                update(t.rollbacks)
+                .where(t.rollbacks.c.rollback_id == rollback_id)
+                .values(
+                    manual=manual,
+                    uncovered=uncovered,
+                    state=state,
+                    updated_at=now,
+                    quarantine_until=quarantine_until,
+                    finished_at=now if state == "planned" else None,
+                )
+            )
+
+    async def add_items(
+        self, rollback_id: str, items: Sequence[NewCompensation], *, now: datetime
+    ) -> None:
+        """Append (late) items to an existing rollback's plan."""
+        async with self.engine.begin() as conn:
+            await self._insert_items(conn, rollback_id, items, now)
+
+    async def add_manual(
+        self, rollback_id: str, entries: list[dict[str, Any]], *, now: datetime
+    ) -> None:
+        """Append manual actions or uncovered events found late."""
+        if not entries:
+            return
+        async with self.engine.begin() as conn:
+            current = (
+                await conn.execute(
+                    select(t.rollbacks.c.manual, t.rollbacks.c.uncovered).where(
+                        t.rollbacks.c.rollback_id == rollback_id
+                    )
+                )
+            ).one()
+            manual = list(current.manual or []) + [e for e in entries if e.get("kind") == "manual"]
+            uncovered = list(current.uncovered or []) + [
+                e for e in entries if e.get("kind") == "uncovered"
+            ]
+            await conn.execute(
+                update(t.rollbacks)
+                .where(t.rollbacks.c.rollback_id == rollback_id)
+                .values(manual=manual, uncovered=uncovered, updated_at=now)
+            )
+
+    async def _insert_items(
+        self, conn: Any, rollback_id: str, items: Sequence[NewCompensation], now: datetime
+    ) -> None:
+        compensation_rows = [
+            {
+                "idempotency_key": i.idempotency_key,
+                "event_id": i.event_id,
+                "saga": i.saga,
+                "step": i.step,
+                "event_type": i.event_type,
+                "target_version": i.target_version,
+                "correlation_id": i.correlation_id,
+                "state": S.PENDING,
+                "attempts": 0,
+                "confirm_type": i.confirm_type,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for i in items
+        ]
+        item_rows = [
+            {
+                "rollback_id": rollback_id,
+                "idempotency_key": i.idempotency_key,
+                "position": i.position,
+                "depends_on": list(i.depends_on),
+                "late": i.late,
+            }
+            for i in items
+        ]
+        for part in chunks(compensation_rows):
+            await conn.execute(
+                insert_ignoring_duplicates(conn, t.compensations, ["idempotency_key"]), list(part)
+            )
+        for part in chunks(item_rows):
+            await conn.execute(
+                insert_ignoring_duplicates(
+                    conn, t.rollback_items, ["rollback_id", "idempotency_key"]
+                ),
+                list(part),
+            )
+
+    async def plan_items(
+        self, rollback_id: str, *, min_position: int = 0
+    ) -> list[CompensationRecord]:
+        """A rollback's compensations with their current state, in plan order."""
+        query = (
+            select(
+                t.compensations,
+                t.rollback_items.c.position,
+                t.rollback_items.c.depends_on,
+                t.rollback_items.c.late,
+            )
+            .join(
+                t.rollback_items,
+                t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
+            )
+            .where(
+                t.rollback_items.c.rollback_id == rollback_id,
+                t.rollback_items.c.position >= min_position,
+            )
+            .order_by(t.rollback_items.c.position)
+        )
+        async with self.engine.connect() as conn:
+            return [compensation_from_row(r) for r in (await conn.execute(query)).all()]
+
+    async def compensation_states(self, keys: Iterable[str]) -> dict[str, CompensationState]:
+        """The current state of each key."""
+        ordered = sorted(set(keys))
+        states: dict[str, CompensationState] = {}
+        async with self.engine.connect() as conn:
+            for part in chunks(ordered):
+                result = await conn.execute(
+                    select(t.compensations.c.idempotency_key, t.compensations.c.state).where(
+                        t.compensations.c.idempotency_key.in_(part)
+                    )
+                )
+                states.update({k: S(s) for k, s in result.all()})
+        return states
+
+    async def get_compensations(self, keys: Iterable[str]) -> list[CompensationRecord]:
+        """Compensations (without plan position) by key."""
+        ordered = sorted(set(keys))
+        found: list[CompensationRecord] = []
+        async with self.engine.connect() as conn:
+            for part in chunks(ordered):
+                result = await conn.execute(
+                    select(t.compensations).where(t.compensations.c.idempotency_key.in_(part))
+                )
+                found.extend(compensation_from_row(r) for r in result.all())
+        return found
+
+    async def get_compensation(self, key: str) -> CompensationRecord | None:
+        """One compensation (without plan position), or None."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(t.compensations).where(t.compensations.c.idempotency_key == key)
+                )
+            ).first()
+        return compensation_from_row(row) if row else None
+
+    async def rollbacks_of(self, key: str) -> list[str]:
+        """Ids of the rollbacks whose plan holds `key`."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.rollback_items.c.rollback_id).where(
+                    t.rollback_items.c.idempotency_key == key
+                )
+            )
+            return list(result.scalars().all())
+
+    async def claim(
+        self, keys: Sequence[str], *, now: datetime, rollback_id: str | None = None
+    ) -> list[str]:
+        """Record the intent to run: pending → running, attempts + 1, one transaction.
+
+        Returns:
+            The keys actually claimed; a key another executor claimed first, or
+            that is done already, is left out.
+        """
+        claimed: list[str] = []
+        async with self.engine.begin() as conn:
+            for part in chunks(list(keys)):
+                result = await conn.execute(
+                    update(t.compensations)
+                    .where(
+                        t.compensations.c.idempotency_key.in_(part),
+                        t.compensations.c.state == S.PENDING,
+                    )
+                    .values(
+                        state=S.RUNNING,
+                        attempts=t.compensations.c.attempts + 1,
+                        claimed_by=rollback_id,
+                        updated_at=now,
+                    )
+                    .returning(t.compensations.c.idempotency_key)
+                )
+                claimed.extend(result.scalars().all())
+        return claimed
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome], *, now: datetime) -> None:
+        """Write attempt results in one transaction.
+
+        An outcome only lands on a compensation still `running`: a
+        confirmation that overtook the handler's own result wins.
+        """
+        if not outcomes:
+            return
+        rows = [
+            {
+                "k": o.idempotency_key,
+                "new_state": o.state.value,
+                "err": o.error,
+                "next_at": o.next_attempt_at,
+                "deadline": o.confirm_deadline,
+                "applied": now if o.state in (S.APPLIED, S.CONFIRMED) else None,
+            }
+            for o in outcomes
+        ]
+        statement = (
+            update(t.compensations)
+            .where(
+                t.compensations.c.idempotency_key == bindparam("k"),
+                t.compensations.c.state == S.RUNNING,
+            )
+            .values(
+                state=bindparam("new_state"),
+                last_error=bindparam("err"),
+                next_attempt_at=bindparam("next_at"),
+                confirm_deadline=bindparam("deadline"),
+                applied_at=func.coalesce(bindparam("applied"), t.compensations.c.applied_at),
+                updated_at=now,
+            )
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(statement, rows)
+
+    async def expire_confirmations(
+        self, keys: Sequence[str], *, now: datetime, next_state: CompensationState, error: str
+    ) -> list[str]:
+        """applied → `next_state` for keys whose confirmation did not arrive in time."""
+        changed: list[str] = []
+        async with self.engine.begin() as conn:
+            for part in chunks(list(keys)):
+                result = await conn.execute(
+                    update(t.compensations)
+                    .where(
+                        t.compensations.c.idempotency_key.in_(part),
+                        t.compensations.c.state == S.APPLIED,
+                    )
+                    .values(state=next_state, last_error=error, next_attempt_at=now, updated_at=now)
+                    .returning(t.compensations.c.idempotency_key)
+                )
+                changed.extend(result.scalars().all())
+        return changed
+
+    async def set_states(
+        self,
+        keys: Sequence[str],
+        state: CompensationState,
+        *,
+        now: datetime,
+        only_from: Sequence[CompensationState],
+        reason: str | None = None,
+    ) -> list[str]:
+        """Move keys to `state` where they are in one of `only_from`; return those moved."""
+        values: dict[str, Any] = {"state": state, "updated_at": now}
+        if state == S.SKIPPED:
+            values["skip_reason"] = reason
+        if state == S.PENDING:
+            values["next_attempt_at"] = None
+        changed: list[str] = []
+        async with self.engine.begin() as conn:
+            for part in chunks(list(keys)):
+                result = await conn.execute(
+                    update(t.compensations)
+                    .where(
+                        t.compensations.c.idempotency_key.in_(part),
+                        t.compensations.c.state.in_(list(only_from)),
+                    )
+                    .values(**values)
+                    .returning(t.compensations.c.idempotency_key)
+                )
+                changed.extend(result.scalars().all())
+        return changed
+
+    async def release_claims(self, rollback_id: str, *, now: datetime) -> list[str]:
+        """running → pending for claims of `rollback_id` whose outcome was never recorded.
+
+        Called when a rollback resumes after a crash: the intent was recorded,
+        the outcome is unknown, so the handler runs again with the same key.
+        """
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(t.compensations)
+                .where(
+                    t.compensations.c.claimed_by == rollback_id,
+                    t.compensations.c.state == S.RUNNING,
+                )
+                .values(state=S.PENDING, next_attempt_at=None, updated_at=now)
+                .returning(t.compensations.c.idempotency_key)
+            )
+            return list(result.scalars().all())
+
+    async def retry_compensation(self, key: str, *, now: datetime) -> None:
+        """Operator retry: a failed compensation gets a fresh attempt budget."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(t.compensations)
+                .where(
+                    t.compensations.c.idempotency_key == key,
+                    t.compensations.c.state.in_([S.FAILED, S.BLOCKED]),
+                )
+                .values(state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
+            )
+            if not result.rowcount:
+                await _explain_refusal(conn, key, "retry", "failed or blocked")
+
+    async def skip_compensation(self, key: str, *, reason: str, now: datetime) -> None:
+        """Operator skip: a compensation that will not be done, with the reason."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(t.compensations)
+                .where(
+                    t.compensations.c.idempotency_key == key,
+                    t.compensations.c.state.in_([S.FAILED, S.BLOCKED, S.PENDING]),
+                )
+                .values(state=S.SKIPPED, skip_reason=reason, updated_at=now)
+            )
+            if not result.rowcount:
+                await _explain_refusal(conn, key, "skip", "failed, blocked or pending")
+
+    async def counts(self, rollback_id: str) -> Counts:
+        """Status counts of one rollback."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(t.compensations.c.state, t.rollback_items.c.late, func.count())
+                    .join(
+                        t.rollback_items,
+                        and_(
+                            t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
+                            t.rollback_items.c.rollback_id == rollback_id,
+                        ),
+                    )
+                    .group_by(t.compensations.c.state, t.rollback_items.c.late)
+                )
+            ).all()
+            rollback = (
+                await conn.execute(
+                    select(t.rollbacks.c.manual, t.rollbacks.c.uncovered).where(
+                        t.rollbacks.c.rollback_id == rollback_id
+                    )
+                )
+            ).first()
+        by_state: dict[str, int] = {}
+        late = 0
+        for state, is_late, count in rows:
+            by_state[state] = by_state.get(state, 0) + count
+            late += count if is_late else 0
+        confirmed = by_state.get(S.CONFIRMED, 0)
+        return Counts(
+            planned=sum(by_state.values()),
+            # `applied` counts every handler that succeeded, confirmed or not.
+            applied=by_state.get(S.APPLIED, 0) + confirmed,
+            confirmed=confirmed,
+            failed=by_state.get(S.FAILED, 0),
+            skipped=by_state.get(S.SKIPPED, 0),
+            manual=len(rollback.manual or []) if rollback else 0,
+            uncovered=len(rollback.uncovered or []) if rollback else 0,
+            late=late,
+            pending=by_state.get(S.PENDING, 0),
+            running=by_state.get(S.RUNNING, 0),
+            blocked=by_state.get(S.BLOCKED, 0),
+        )
+
+    async def record_dead_letter(
+        self, *, topic: str, partition: int, offset: int, error: str, now: datetime
+    ) -> None:
+        """Keep a copy of a dead letter's metadata for the status page and `dlq list`."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                t.dead_letters.insert().values(
+                    topic=topic, partition=partition, offset=offset, error=error, recorded_at=now
+                )
+            )
+
+    async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recent dead letters, newest first."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.dead_letters).order_by(t.dead_letters.c.id.desc()).limit(limit)
+            )
+            return [dict(r._mapping) for r in result.all()]
+
+
+async def _explain_refusal(conn: Any, key: str, action: str, allowed: str) -> None:
+    state = (
+        await conn.execute(
+            select(t.compensations.c.state).where(t.compensations.c.idempotency_key == key)
+        )
+    ).scalar()
+    if state is None:
+        raise LedgerError(f"unknown compensation {key!r}")
+    raise LedgerError(f"cannot {action} compensation {key!r}: it is {state}, not {allowed}")

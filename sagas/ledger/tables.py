@@ -1,0 +1,154 @@
+"""The ledger's tables (SQLAlchemy Core). The ledger, not Kafka, is the source of truth."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+# Explicit constraint names so Alembic migrations are stable on every backend.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+ID = String(255)
+Time = DateTime(timezone=True)
+
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("deployment_id", ID, primary_key=True),
+    Column("service", ID, nullable=False),
+    Column("service_version", ID, nullable=False),
+    Column("first_event_at", Time, nullable=False),
+    Column("last_event_at", Time, nullable=False),
+    Column("first_tracked_at", Time, nullable=False),
+    Index(None, "service", "service_version"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("event_id", ID, primary_key=True),
+    Column("event_type", ID, nullable=False),
+    Column("schema_version", Integer, nullable=False),
+    Column("service", ID, nullable=False),
+    Column("service_version", ID, nullable=False),
+    Column("deployment_id", ID, nullable=False),
+    Column("occurred_at", Time, nullable=False),
+    Column("correlation_id", ID),
+    Column("causation_id", ID),
+    Column("key", ID),
+    Column("payload", JSON, nullable=False),
+    Column("topic", ID),
+    Column("partition", Integer),
+    Column("offset", BigInteger),
+    Column("traceparent", String(64)),
+    Column("tracestate", String(512)),
+    Column("tracked_at", Time, nullable=False),
+    # The planner's two queries: a deployment's events in a window, and the
+    # events caused by a set of events (causation closure, confirmations).
+    Index(None, "deployment_id", "occurred_at"),
+    Index(None, "causation_id"),
+)
+
+rollbacks = Table(
+    "rollbacks",
+    metadata,
+    Column("rollback_id", ID, primary_key=True),
+    Column("deployment_id", ID),
+    Column("state", String(32), nullable=False),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    Column("signal", JSON, nullable=False),
+    Column("error", Text),
+    Column("manual", JSON, nullable=False, default=list),
+    Column("uncovered", JSON, nullable=False, default=list),
+    # Partition of `backout.rollbacks` the signal came from: the worker that
+    # owns that partition owns the rollback (resumes it after a crash).
+    Column("signal_partition", Integer),
+    Column("quarantine_until", Time),
+    Column("created_at", Time, nullable=False),
+    Column("updated_at", Time, nullable=False),
+    Column("finished_at", Time),
+    Index(None, "state"),
+    Index(None, "deployment_id"),
+)
+
+compensations = Table(
+    "compensations",
+    metadata,
+    # One row per (event, step), shared by every rollback that covers the
+    # event: a compensation that is done is never run again.
+    Column("idempotency_key", ID, primary_key=True),
+    Column("event_id", ID, nullable=False),
+    Column("saga", ID, nullable=False),
+    Column("step", ID, nullable=False),
+    Column("event_type", ID, nullable=False),
+    Column("target_version", Integer, nullable=False),
+    Column("correlation_id", ID),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("confirm_type", ID),
+    Column("confirm_deadline", Time),
+    Column("next_attempt_at", Time),
+    Column("applied_at", Time),
+    Column("confirmed_at", Time),
+    Column("skip_reason", Text),
+    # The rollback whose run claimed it last: on resume, a rollback re-runs
+    # only its own interrupted claims (same key, at-least-once).
+    Column("claimed_by", ID),
+    Column("created_at", Time, nullable=False),
+    Column("updated_at", Time, nullable=False),
+    Index(None, "event_id"),
+    Index(None, "state"),
+)
+
+rollback_items = Table(
+    "rollback_items",
+    metadata,
+    Column("rollback_id", ID, primary_key=True),
+    Column("idempotency_key", ID, primary_key=True),
+    Column("position", Integer, nullable=False),
+    # Keys of this rollback that must be done before this one may run.
+    Column("depends_on", JSON, nullable=False, default=list),
+    Column("late", Boolean, nullable=False, default=False),
+    Index(None, "idempotency_key"),
+)
+
+tracked_offsets = Table(
+    "tracked_offsets",
+    metadata,
+    # Written in the same transaction as the events of a batch: the ledger
+    # knows exactly which records it holds.
+    Column("group_id", ID, primary_key=True),
+    Column("topic", ID, primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("offset", BigInteger, nullable=False),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("topic", ID, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("recorded_at", Time, nullable=False),
+    Column("replayed_at", Time),
+)

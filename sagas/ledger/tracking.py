@@ -1,0 +1,320 @@
+"""Ledger operations on tracked events and deployments."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from sagas.ledger import tables as t
+from sagas.ledger.dialect import insert_ignoring_duplicates, upsert_deployment
+from sagas.ledger.records import (
+    CompensationState,
+    DeploymentSummary,
+    TrackedEvent,
+    TrackedOffset,
+    TrackResult,
+    as_utc,
+)
+
+# Bound parameter lists stay well under SQLite's and asyncpg's limits.
+CHUNK = 500
+
+_CONFIRMABLE = [
+    CompensationState.PENDING,
+    CompensationState.RUNNING,
+    CompensationState.APPLIED,
+    CompensationState.FAILED,
+    CompensationState.BLOCKED,
+]
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    """Split `items` into slices of at most `size`."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def event_from_row(row: Row[Any]) -> TrackedEvent:
+    """Build a `TrackedEvent` from an `events` row."""
+    m = row._mapping
+    return TrackedEvent(
+        event_id=m["event_id"],
+        event_type=m["event_type"],
+        schema_version=m["schema_version"],
+        service=m["service"],
+        service_version=m["service_version"],
+        deployment_id=m["deployment_id"],
+        occurred_at=as_utc(m["occurred_at"]),  # type: ignore[arg-type]  # column is NOT NULL
+        payload=m["payload"],
+        correlation_id=m["correlation_id"],
+        causation_id=m["causation_id"],
+        key=m["key"],
+        topic=m["topic"],
+        partition=m["partition"],
+        offset=m["offset"],
+        traceparent=m["traceparent"],
+        tracestate=m["tracestate"],
+    )
+
+
+class EventStore:
+    """Tracking: events, deployments, confirmations."""
+
+    engine: AsyncEngine
+
+    async def track(
+        self,
+        batch: Sequence[TrackedEvent],
+        offsets: Sequence[TrackedOffset] = (),
+        *,
+        now: datetime,
+    ) -> TrackResult:
+        """Store a batch of events in one transaction, with their source offsets.
+
+        Duplicate `event_id`s (already stored, or twice in the batch) are
+        ignored. Events whose `causation_id` is the idempotency key of a
+        compensation waiting for exactly that event type confirm it.
+        """
+        unique: dict[str, TrackedEvent] = {}
+        for item in batch:
+            unique.setdefault(item.event_id, item)
+        rows = [_event_row(item, now) for item in unique.values()]
+        new_ids: set[str] = set()
+        confirmed: list[str] = []
+        async with self.engine.begin() as conn:
+            for part in chunks(rows):
+                result = await conn.execute(
+                    insert_ignoring_duplicates(conn, t.events, ["event_id"]).returning(
+                        t.events.c.event_id
+                    ),
+                    list(part),
+                )
+                new_ids.update(result.scalars().all())
+            new_events = [unique[i] for i in unique if i in new_ids]
+            await self._record_deployments(conn, new_events, now)
+            confirmed = await self._confirm(conn, new_events, now)
+            if offsets:
+                await _store_offsets(conn, offsets)
+        return TrackResult(
+            new_events=new_events, duplicates=len(batch) - len(new_events), confirmed_keys=confirmed
+        )
+
+    async def _record_deployments(
+        self, conn: AsyncConnection, new_events: Sequence[TrackedEvent], now: datetime
+    ) -> None:
+        spans: dict[str, dict[str, Any]] = {}
+        for item in new_events:
+            span = spans.get(item.deployment_id)
+            if span is None:
+                spans[item.deployment_id] = {
+                    "deployment_id": item.deployment_id,
+                    "service": item.service,
+                    "service_version": item.service_version,
+                    "first_event_at": item.occurred_at,
+                    "last_event_at": item.occurred_at,
+                    "first_tracked_at": now,
+                }
+            else:
+                span["first_event_at"] = min(span["first_event_at"], item.occurred_at)
+                span["last_event_at"] = max(span["last_event_at"], item.occurred_at)
+        for span in sorted(spans.values(), key=lambda s: s["deployment_id"]):
+            await conn.execute(upsert_deployment(conn), span)
+
+    async def _confirm(
+        self, conn: AsyncConnection, new_events: Sequence[TrackedEvent], now: datetime
+    ) -> list[str]:
+        candidates = [e for e in new_events if e.causation_id]
+        if not candidates:
+            return []
+        keys = sorted({str(e.causation_id) for e in candidates})
+        waiting: dict[str, str | None] = {}
+        for part in chunks(keys):
+            result = await conn.execute(
+                select(t.compensations.c.idempotency_key, t.compensations.c.confirm_type).where(
+                    t.compensations.c.idempotency_key.in_(part),
+                    t.compensations.c.state.in_(_CONFIRMABLE),
+                )
+            )
+            waiting.update(dict(result.all()))
+        confirmed = sorted(
+            {
+                str(e.causation_id)
+                for e in candidates
+                if e.causation_id in waiting and waiting[e.causation_id] == e.event_type
+            }
+        )
+        if confirmed:
+            await conn.execute(
+                update(t.compensations)
+                .where(t.compensations.c.idempotency_key == bindparam("k"))
+                .values(state=CompensationState.CONFIRMED, confirmed_at=now, updated_at=now),
+                [{"k": k} for k in confirmed],
+            )
+        return confirmed
+
+    async def get_event(self, event_id: str) -> TrackedEvent | None:
+        """One tracked event, or None."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(t.events).where(t.events.c.event_id == event_id))
+            ).first()
+        return event_from_row(row) if row else None
+
+    async def events_by_id(self, event_ids: Iterable[str]) -> dict[str, TrackedEvent]:
+        """Tracked events by id (missing ids are left out)."""
+        ids = sorted(set(event_ids))
+        found: dict[str, TrackedEvent] = {}
+        async with self.engine.connect() as conn:
+            for part in chunks(ids):
+                result = await conn.execute(select(t.events).where(t.events.c.event_id.in_(part)))
+                found.update({e.event_id: e for e in map(event_from_row, result.all())})
+        return found
+
+    async def deployment_ids_for(self, service: str, service_version: str) -> list[str]:
+        """The deployments of a service version (usually one)."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.deployments.c.deployment_id)
+                .where(
+                    t.deployments.c.service == service,
+                    t.deployments.c.service_version == service_version,
+                )
+                .order_by(t.deployments.c.first_event_at)
+            )
+            return list(result.scalars().all())
+
+    async def deployment_events(
+        self, deployment_id: str, since: datetime | None = None, until: datetime | None = None
+    ) -> list[TrackedEvent]:
+        """A deployment's events with `since <= occurred_at <= until`, oldest first."""
+        query = select(t.events).where(t.events.c.deployment_id == deployment_id)
+        if since is not None:
+            query = query.where(t.events.c.occurred_at >= since)
+        if until is not None:
+            query = query.where(t.events.c.occurred_at <= until)
+        async with self.engine.connect() as conn:
+            result = await conn.execute(query.order_by(t.events.c.occurred_at, t.events.c.event_id))
+            return [event_from_row(r) for r in result.all()]
+
+    async def events_caused_by(self, event_ids: Iterable[str]) -> list[TrackedEvent]:
+        """Events whose `causation_id` is one of `event_ids`."""
+        ids = sorted(set(event_ids))
+        found: list[TrackedEvent] = []
+        async with self.engine.connect() as conn:
+            for part in chunks(ids):
+                result = await conn.execute(
+                    select(t.events).where(t.events.c.causation_id.in_(part))
+                )
+                found.extend(event_from_row(r) for r in result.all())
+        return found
+
+    async def causal_closure(self, roots: Sequence[TrackedEvent]) -> list[TrackedEvent]:
+        """`roots` plus every event they caused, transitively, in any service."""
+        seen: dict[str, TrackedEvent] = {e.event_id: e for e in roots}
+        frontier = list(seen)
+        while frontier:
+            children = await self.events_caused_by(frontier)
+            frontier = []
+            for child in children:
+                if child.event_id not in seen:
+                    seen[child.event_id] = child
+                    frontier.append(child.event_id)
+        return list(seen.values())
+
+    async def list_deployments(self) -> list[DeploymentSummary]:
+        """Every tracked deployment with event counts by `type vN`, newest first."""
+        async with self.engine.connect() as conn:
+            deployments = (
+                await conn.execute(
+                    select(t.deployments).order_by(t.deployments.c.last_event_at.desc())
+                )
+            ).all()
+            counts = (
+                await conn.execute(
+                    select(
+                        t.events.c.deployment_id,
+                        t.events.c.event_type,
+                        t.events.c.schema_version,
+                        func.count(),
+                    ).group_by(
+                        t.events.c.deployment_id, t.events.c.event_type, t.events.c.schema_version
+                    )
+                )
+            ).all()
+        by_deployment: dict[str, dict[str, int]] = {}
+        for deployment_id, event_type, version, count in counts:
+            by_deployment.setdefault(deployment_id, {})[f"{event_type} v{version}"] = count
+        return [
+            DeploymentSummary(
+                deployment_id=d.deployment_id,
+                service=d.service,
+                service_version=d.service_version,
+                first_event_at=as_utc(d.first_event_at),  # type: ignore[arg-type]
+                last_event_at=as_utc(d.last_event_at),  # type: ignore[arg-type]
+                events=sum(by_deployment.get(d.deployment_id, {}).values()),
+                by_type=dict(sorted(by_deployment.get(d.deployment_id, {}).items())),
+            )
+            for d in deployments
+        ]
+
+    async def count_events(self) -> int:
+        """How many events the ledger holds."""
+        async with self.engine.connect() as conn:
+            return int(
+                (await conn.execute(select(func.count()).select_from(t.events))).scalar_one()
+            )
+
+    async def tracked_offsets(self, group_id: str) -> dict[tuple[str, int], int]:
+        """The next offset to read per (topic, partition) stored for `group_id`."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(
+                    t.tracked_offsets.c.topic,
+                    t.tracked_offsets.c.partition,
+                    t.tracked_offsets.c.offset,
+                ).where(t.tracked_offsets.c.group_id == group_id)
+            )
+            return {(topic, partition): offset for topic, partition, offset in result.all()}
+
+
+def _event_row(item: TrackedEvent, now: datetime) -> dict[str, Any]:
+    return {
+        "event_id": item.event_id,
+        "event_type": item.event_type,
+        "schema_version": item.schema_version,
+        "service": item.service,
+        "service_version": item.service_version,
+        "deployment_id": item.deployment_id,
+        "occurred_at": item.occurred_at,
+        "correlation_id": item.correlation_id,
+        "causation_id": item.causation_id,
+        "key": item.key,
+        "payload": item.payload,
+        "topic": item.topic,
+        "partition": item.partition,
+        "offset": item.offset,
+        "traceparent": item.traceparent,
+        "tracestate": item.tracestate,
+        "tracked_at": now,
+    }
+
+
+async def _store_offsets(conn: AsyncConnection, offsets: Sequence[TrackedOffset]) -> None:
+    from sagas.ledger.dialect import upsert_offset
+
+    latest: dict[tuple[str, str, int], int] = {}
+    for o in offsets:
+        slot = (o.group_id, o.topic, o.partition)
+        latest[slot] = max(latest.get(slot, o.offset), o.offset)
+    await conn.execute(
+        upsert_offset(conn),
+        [
+            {"group_id": g, "topic": topic, "partition": p, "offset": off}
+            for (g, topic, p), off in sorted(latest.items())
+        ],
+    )
