@@ -85,6 +85,8 @@ class RollbackEngine:
         self._runs: dict[str, RollbackRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._last_tick: dict[str, datetime] = {}
+        self._last_published: dict[str, dict[str, Any]] = {}
+        self._last_sent_at: dict[str, datetime] = {}
 
     # -- signals ---------------------------------------------------------------
 
@@ -298,12 +300,26 @@ class RollbackEngine:
         return record is not None and record.state == RollbackState.PAUSED
 
     async def _tick(self, rollback_id: str) -> None:
+        """Progress: at most one record per interval, and only when counts moved
+        (or every 30 intervals, as a heartbeat while waiting for confirmations)."""
         now = self.clock.now()
         last = self._last_tick.get(rollback_id)
-        if last is not None and (now - last).total_seconds() < self.settings.progress_interval:
+        elapsed = (now - last).total_seconds() if last is not None else None
+        if elapsed is not None and elapsed < self.settings.progress_interval:
             return
         self._last_tick[rollback_id] = now
-        await self._publish(rollback_id)
+        if self.status is None:
+            return
+        status = await self.status_of(rollback_id)
+        fingerprint = status.model_dump(exclude={"updated_at"})
+        sent_at = self._last_sent_at.get(rollback_id)
+        heartbeat = (
+            sent_at is None
+            or (now - sent_at).total_seconds() >= 30 * self.settings.progress_interval
+        )
+        if fingerprint == self._last_published.get(rollback_id) and not heartbeat:
+            return
+        await self._send(status)
 
     async def resume(self, partitions: Iterable[int] | None = None) -> list[str]:
         """Start runs for every unfinished rollback (after a restart or a rebalance)."""
@@ -494,7 +510,13 @@ class RollbackEngine:
     async def _publish(self, rollback_id: str) -> None:
         if self.status is None:
             return
-        await self.status.publish(await self.status_of(rollback_id))
+        await self._send(await self.status_of(rollback_id))
+
+    async def _send(self, status: RollbackStatus) -> None:
+        assert self.status is not None
+        self._last_published[status.rollback_id] = status.model_dump(exclude={"updated_at"})
+        self._last_sent_at[status.rollback_id] = self.clock.now()
+        await self.status.publish(status)
 
 
 __all__ = ["BlastRadius", "CompensationState", "EngineSettings", "RollbackEngine", "StatusSink"]

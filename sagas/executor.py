@@ -244,6 +244,7 @@ class RollbackRun:
         last_poll = self.clock.now()
         while True:
             if self.is_paused is not None and await self.is_paused():
+                await self._drain()
                 return RunResult(finished=False, failed=[], paused=True)
             now = self.clock.now()
             await self._expire_confirmations(now)
@@ -264,6 +265,16 @@ class RollbackRun:
                 await self._load()
             if self.on_progress is not None:
                 await _maybe_await(self.on_progress())
+
+    async def _drain(self) -> None:
+        """Let in-flight attempts finish and record them (pausing starts nothing new).
+
+        Cancelling them instead would leave their claims `running`, and
+        resuming would run handlers again that had already done their work.
+        """
+        while self._inflight:
+            await asyncio.wait(set(self._inflight))
+            await self._collect()
 
     def _nothing_left_to_wait_for(self) -> bool:
         for item in self._items.values():
@@ -343,13 +354,16 @@ class RollbackRun:
             self._inflight[task] = item.key
 
     async def _wait(self, now: datetime) -> None:
+        # Only deadlines still ahead: one already due is either being handled
+        # (started, expired) or waits for something else (a free slot, a
+        # dependency, the next poll), and waking at once for it would spin.
         timeouts = [self.poll_interval]
         for item in self._items.values():
             if item.state == S.PENDING and item.next_attempt_at is not None:
                 timeouts.append((item.next_attempt_at - now).total_seconds())
             if item.state == S.APPLIED and item.confirm_deadline is not None:
                 timeouts.append((item.confirm_deadline - now).total_seconds())
-        delay = max(0.0, min(timeouts))
+        delay = min((t for t in timeouts if t > 0), default=0.0)
         waiters: set[asyncio.Future[Any]] = set(self._inflight)
         sleeper = asyncio.ensure_future(self.clock.sleep(delay))
         woken = asyncio.ensure_future(self._wake.wait())
@@ -434,12 +448,18 @@ class RollbackRun:
         now_error: str
         try:
             argument = self._argument(step, event)
+            envelope = _envelope(event)
+        except (UpcastError, ValueError) as exc:
+            # The payload cannot be brought to the handler's model (pydantic's
+            # ValidationError is a ValueError): retrying the same bytes cannot help.
+            return Outcome(item.key, S.FAILED, error=f"cannot build the handler's input: {exc}")
+        try:
             context = CompensationContext(
                 rollback_id=self.rollback_id,
                 deployment_id=self.deployment_id,
                 idempotency_key=item.key,
                 attempt=attempt,
-                envelope=_envelope(event),
+                envelope=envelope,
                 saga=step.saga,
                 sink=self.sink,
                 trace_headers=tracing.current_headers(),
@@ -447,10 +467,6 @@ class RollbackRun:
             await asyncio.wait_for(step.handler(argument, context), timeout=step.retry.timeout)
         except PermanentError as exc:
             return Outcome(item.key, S.FAILED, error=f"permanent error: {exc}")
-        except (UpcastError, ValueError) as exc:
-            # The payload cannot be brought to the handler's model: retrying
-            # the same bytes cannot help.
-            return Outcome(item.key, S.FAILED, error=f"cannot build the handler's input: {exc}")
         except asyncio.CancelledError:
             raise
         except TimeoutError:

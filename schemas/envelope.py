@@ -23,9 +23,9 @@ class EventEnvelope(WireModel):
     service_version: str = Field(min_length=1, max_length=255)
     deployment_id: str = Field(min_length=1, max_length=255)
     occurred_at: UtcTime
-    correlation_id: str | None = Field(default=None, max_length=255)
-    causation_id: str | None = Field(default=None, max_length=255)
-    key: str | None = Field(default=None, max_length=255)
+    correlation_id: str | None = Field(default=None, min_length=1, max_length=255)
+    causation_id: str | None = Field(default=None, min_length=1, max_length=255)
+    key: str | None = Field(default=None, min_length=1, max_length=255)
     payload: dict[str, Any]
 
     @property

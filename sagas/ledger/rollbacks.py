@@ -288,6 +288,18 @@ class RollbackStore:
             await conn.execute(
                 insert_ignoring_duplicates(conn, t.compensations, ["idempotency_key"]), list(part)
             )
+        # A new plan covering a compensation that failed before is the
+        # operator asking again: it gets a fresh attempt budget. Done work
+        # (applied/confirmed/skipped) is never touched.
+        for part in chunks([i.idempotency_key for i in items]):
+            await conn.execute(
+                update(t.compensations)
+                .where(
+                    t.compensations.c.idempotency_key.in_(part),
+                    t.compensations.c.state == S.FAILED,
+                )
+                .values(state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
+            )
         for part in chunks(item_rows):
             await conn.execute(
                 insert_ignoring_duplicates(
@@ -425,7 +437,10 @@ class RollbackStore:
                 last_error=bindparam("err"),
                 next_attempt_at=bindparam("next_at"),
                 confirm_deadline=bindparam("deadline"),
-                applied_at=func.coalesce(bindparam("applied"), t.compensations.c.applied_at),
+                applied_at=func.coalesce(
+                    bindparam("applied", type_=t.compensations.c.applied_at.type),
+                    t.compensations.c.applied_at,
+                ),
                 updated_at=now,
             )
         )

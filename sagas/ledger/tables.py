@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -15,6 +17,8 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
 
 # Explicit constraint names so Alembic migrations are stable on every backend.
 metadata = MetaData(
@@ -26,7 +30,26 @@ metadata = MetaData(
 )
 
 ID = String(255)
-Time = DateTime(timezone=True)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware time, stored as UTC on every backend.
+
+    SQLite's DATETIME keeps the wall-clock fields and drops the offset, so
+    14:00+02:00 would be stored, compared and read back as 14:00Z; converting
+    to UTC on the way in makes SQLite hold the same instant PostgreSQL does.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            return value.astimezone(UTC)
+        return value
+
+
+Time = UtcDateTime()
 
 deployments = Table(
     "deployments",

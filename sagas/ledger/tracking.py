@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -148,12 +148,16 @@ class EventStore:
                 if e.causation_id in waiting and waiting[e.causation_id] == e.event_type
             }
         )
-        if confirmed:
+        for part in chunks(confirmed):
+            # Re-checked in the UPDATE: an operator skip between the SELECT and
+            # here must not be overwritten.
             await conn.execute(
                 update(t.compensations)
-                .where(t.compensations.c.idempotency_key == bindparam("k"))
-                .values(state=CompensationState.CONFIRMED, confirmed_at=now, updated_at=now),
-                [{"k": k} for k in confirmed],
+                .where(
+                    t.compensations.c.idempotency_key.in_(part),
+                    t.compensations.c.state.in_(_CONFIRMABLE),
+                )
+                .values(state=CompensationState.CONFIRMED, confirmed_at=now, updated_at=now)
             )
         return confirmed
 

@@ -190,7 +190,9 @@ class TestCompensate:
     @pytest.mark.parametrize("timeout", [0, -1.5])
     def test_non_positive_confirm_timeout_is_rejected(self, timeout: float) -> None:
         with pytest.raises(DefinitionError, match="confirm_timeout"):
-            Saga("checkout").compensate(OrderPlaced, confirm="OrderCancelled", confirm_timeout=timeout)
+            Saga("checkout").compensate(
+                OrderPlaced, confirm="OrderCancelled", confirm_timeout=timeout
+            )
 
     @pytest.mark.parametrize("bad", ["", "   "])
     def test_blank_confirm_type_is_rejected(self, bad: str) -> None:
@@ -535,9 +537,7 @@ class TestCompensationContextSend:
         sink = FakeSink()
         ctx = make_context(sink)
 
-        await ctx.send(
-            "orders.commands", {"command": "CancelOrder", "order_id": "o-1"}, key="o-1"
-        )
+        await ctx.send("orders.commands", {"command": "CancelOrder", "order_id": "o-1"}, key="o-1")
 
         [(topic, value, key, headers)] = sink.records
         assert topic == "orders.commands"

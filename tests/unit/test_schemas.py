@@ -489,7 +489,10 @@ class TestDeadLetter:
 
     def test_long_reasons_are_truncated(self) -> None:
         letter = DeadLetter(
-            error="é" * (MAX_REASON_LENGTH * 3), source_topic="t", source_partition=0, source_offset=1
+            error="é" * (MAX_REASON_LENGTH * 3),
+            source_topic="t",
+            source_partition=0,
+            source_offset=1,
         )
 
         reason = dict(letter.headers())[ERROR_HEADER].decode()

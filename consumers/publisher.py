@@ -1,0 +1,163 @@
+"""Producing to Kafka: commands, status records, dead letters, signals."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from sagas.context import Headers
+from sagas.ledger import CompensationRecord, Ledger, TrackedEvent
+from sagas.tracing import current_headers
+from schemas.dlq import DeadLetter
+from schemas.headers import COMPENSATES_HEADER, IDEMPOTENCY_KEY_HEADER, ROLLBACK_ID_HEADER
+from schemas.status import RollbackStatus
+
+log = logging.getLogger(__name__)
+
+
+class KafkaPublisher:
+    """One aiokafka producer shared by everything the worker sends.
+
+    acks=all and no idempotent producer: the development broker has none, and
+    every consumer of what we send dedupes (by idempotency key, event id or
+    rollback id) anyway.
+    """
+
+    def __init__(self, bootstrap_servers: str, *, client_id: str = "backout") -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            client_id=client_id,
+            acks="all",
+            linger_ms=5,
+            max_batch_size=256 * 1024,
+            max_request_size=4 * 1024 * 1024,
+            request_timeout_ms=30_000,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        """Connect to the broker."""
+        await self._producer.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Flush and disconnect."""
+        if self._started:
+            await self._producer.stop()
+            self._started = False
+
+    async def send(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers
+    ) -> None:
+        """Send one record and wait until the broker has it (the `CommandSink` protocol)."""
+        await self._producer.send_and_wait(topic, value=value, key=key, headers=list(headers))
+
+    async def send_json(
+        self, topic: str, value: Any, *, key: str | None, headers: Headers | None = None
+    ) -> None:
+        """Send a JSON value."""
+        await self.send(
+            topic,
+            json.dumps(value, separators=(",", ":"), default=str).encode(),
+            key.encode() if key is not None else None,
+            headers or [],
+        )
+
+
+class StatusPublisher:
+    """Publishes `RollbackStatus` records on the status topic, keyed by rollback id."""
+
+    def __init__(self, publisher: KafkaPublisher, topic: str) -> None:
+        self.publisher = publisher
+        self.topic = topic
+
+    async def publish(self, status: RollbackStatus) -> None:
+        """Send one status record with the current trace context."""
+        await self.publisher.send(
+            self.topic,
+            status.model_dump_json().encode(),
+            status.rollback_id.encode(),
+            current_headers(),
+        )
+
+
+class DeadLetters:
+    """Sends dead letters to the DLQ topic and keeps their metadata in the ledger."""
+
+    def __init__(self, publisher: KafkaPublisher, ledger: Ledger, topic: str) -> None:
+        self.publisher = publisher
+        self.ledger = ledger
+        self.topic = topic
+
+    async def record(
+        self,
+        *,
+        value: bytes | None,
+        key: bytes | None,
+        headers: Headers,
+        error: str,
+        source_topic: str,
+        source_partition: int,
+        source_offset: int,
+        now: Any,
+    ) -> None:
+        """Dead-letter one record: original bytes and headers plus `backout-*` headers."""
+        letter = DeadLetter(
+            error=error,
+            source_topic=source_topic,
+            source_partition=source_partition,
+            source_offset=source_offset,
+        )
+        await self.publisher.send(self.topic, value, key, [*headers, *letter.headers()])
+        try:
+            await self.ledger.record_dead_letter(
+                topic=source_topic,
+                partition=source_partition,
+                offset=source_offset,
+                error=letter.error[:2000],
+                now=now,
+            )
+        except Exception:  # the DLQ topic has it; the ledger copy is for display only
+            log.warning("could not copy a dead letter into the ledger", exc_info=True)
+
+    async def compensation_failed(
+        self, rollback_id: str, item: CompensationRecord, event: TrackedEvent, error: str
+    ) -> None:
+        """An exhausted compensation: its event goes to the DLQ with the reason."""
+        from datetime import UTC, datetime
+
+        value = json.dumps(
+            {
+                "event_id": event.event_id,
+                "event_type": event.event_type,
+                "schema_version": event.schema_version,
+                "service": event.service,
+                "service_version": event.service_version,
+                "deployment_id": event.deployment_id,
+                "occurred_at": event.occurred_at.isoformat(),
+                "correlation_id": event.correlation_id,
+                "causation_id": event.causation_id,
+                "key": event.key,
+                "payload": event.payload,
+            },
+            default=str,
+        ).encode()
+        headers: Headers = [
+            (IDEMPOTENCY_KEY_HEADER, item.idempotency_key.encode()),
+            (ROLLBACK_ID_HEADER, rollback_id.encode()),
+            (COMPENSATES_HEADER, event.event_id.encode()),
+        ]
+        await self.record(
+            value=value,
+            key=(event.key or event.correlation_id or "").encode() or None,
+            headers=headers,
+            error=f"compensation {item.step} of {event.event_type} {event.event_id} "
+            f"failed: {error}",
+            source_topic=event.topic or "",
+            source_partition=event.partition if event.partition is not None else -1,
+            source_offset=event.offset if event.offset is not None else -1,
+            now=datetime.now(UTC),
+        )

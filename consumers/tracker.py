@@ -1,0 +1,190 @@
+"""The tracker: domain events on tracked topics → the ledger, in batches.
+
+faust's per-record stream machinery costs ~50 times a raw `getmany` loop
+(BROKER.md), so this high-volume path is a faust `Service` owning a plain
+aiokafka consumer with manual commits: a batch is validated, its bad records
+dead-lettered, its good records written to the ledger in one transaction,
+and only then are its offsets committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from mode import Service
+
+from consumers import metrics
+from consumers.decoding import EventDecoder, Rejected
+from consumers.publisher import DeadLetters
+from consumers.settings import Settings
+from sagas.clock import Clock
+from sagas.engine import RollbackEngine
+from sagas.ledger import Ledger, TrackedEvent, TrackedOffset, TrackResult
+
+log = logging.getLogger(__name__)
+
+Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+class Tracker(Service):
+    """Consumes tracked topics and writes envelopes to the ledger."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ledger: Ledger,
+        engine: RollbackEngine,
+        decoder: EventDecoder,
+        dead_letters: DeadLetters,
+        clock: Clock,
+        on_batch: Callable[[TrackResult], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.ledger = ledger
+        self.engine = engine
+        self.decoder = decoder
+        self.dead_letters = dead_letters
+        self.clock = clock
+        self.on_batch = on_batch
+        self.group_id = f"{settings.app_id}-tracker"
+        self.tracked = 0
+        self.duplicates = 0
+        self.invalid = 0
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def on_start(self) -> None:
+        """Connect and subscribe (by names, or by the anchored pattern)."""
+        s = self.settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=self.group_id,
+            client_id=f"{s.app_id}-tracker",
+            enable_auto_commit=False,
+            # A new group starts at the beginning: events produced before the
+            # worker first started are tracked too.
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(s.session_timeout * 1000),
+            heartbeat_interval_ms=int(s.heartbeat_interval * 1000),
+            # The pattern is re-resolved against the broker's topic list at
+            # this interval, so new matching topics join without a restart.
+            metadata_max_age_ms=int(s.topic_refresh_seconds * 1000),
+            max_poll_records=s.tracker_batch_size,
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        if s.tracked_topic_names:
+            self._consumer.subscribe(topics=s.tracked_topic_names)
+        else:
+            self._consumer.subscribe(pattern=s.tracked_pattern.pattern)
+        await self._consumer.start()
+
+    async def on_stop(self) -> None:
+        """Leave the group."""
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    @Service.task
+    async def _consume(self) -> None:
+        assert self._consumer is not None
+        while not self.should_stop:
+            try:
+                batch = await self._consumer.getmany(
+                    timeout_ms=500, max_records=self.settings.tracker_batch_size
+                )
+            except KafkaError as exc:
+                log.warning("tracker fetch failed, retrying: %s", exc)
+                await self.sleep(1.0)
+                continue
+            if batch:
+                await self.process(batch)
+
+    async def process(self, batch: Batch) -> TrackResult:
+        """Dead-letter the bad records, store the good ones, then commit."""
+        events: list[TrackedEvent] = []
+        offsets: list[TrackedOffset] = []
+        commit: dict[TopicPartition, int] = {}
+        rejected = 0
+        for tp, records in batch.items():
+            for record in records:
+                decoded = self.decoder.decode(
+                    record.value,
+                    list(record.headers or ()),
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=record.offset,
+                )
+                if isinstance(decoded, Rejected):
+                    rejected += 1
+                    await self._dead_letter(tp, record, decoded.reason)
+                else:
+                    events.append(decoded)
+            if records:
+                next_offset = records[-1].offset + 1
+                commit[tp] = next_offset
+                offsets.append(TrackedOffset(self.group_id, tp.topic, tp.partition, next_offset))
+        result = await self._store(events, offsets)
+        self.tracked += len(result.new_events)
+        self.duplicates += result.duplicates
+        self.invalid += rejected
+        metrics.record_tracked(result.new_events, result.duplicates)
+        try:
+            await self.engine.on_tracked(result)
+        except Exception:
+            log.exception("late-event / confirmation handling failed for a tracked batch")
+        if self.on_batch is not None:
+            self.on_batch(result)
+        await self._commit(commit)
+        return result
+
+    async def _dead_letter(
+        self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], reason: str
+    ) -> None:
+        metrics.EVENTS_INVALID.labels(topic=tp.topic).inc()
+        log.info("dead-lettering %s[%d]@%d: %s", tp.topic, tp.partition, record.offset, reason)
+        await self.dead_letters.record(
+            value=record.value,
+            key=record.key,
+            headers=list(record.headers or ()),
+            error=reason,
+            source_topic=tp.topic,
+            source_partition=tp.partition,
+            source_offset=record.offset,
+            now=self.clock.now(),
+        )
+
+    async def _store(self, events: list[TrackedEvent], offsets: list[TrackedOffset]) -> TrackResult:
+        """Write to the ledger, retrying through outages: offsets wait until it lands."""
+        delay = 0.2
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await self.ledger.track(events, offsets, now=self.clock.now())
+            except Exception as exc:
+                if self.should_stop:
+                    raise
+                log.warning("ledger write failed (retrying in %.1fs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            metrics.LEDGER_WRITE_SECONDS.observe(time.perf_counter() - started)
+            return result
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self._consumer is not None
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The partitions moved to another worker mid-batch; it re-reads
+            # from the last commit and the ledger drops the duplicates.
+            log.warning("offset commit failed (records will be re-read): %s", exc)

@@ -1,0 +1,978 @@
+"""Running rollbacks: retries, failures, confirmations, pause, upcasting, signals.
+
+Everything goes through `SagaTestHarness` (a real SQLite ledger, a
+`FakeClock`): backoffs and confirmation timeouts take no real time. Handlers
+record every call, so tests can say exactly which (key, attempt) ran when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from sagas.context import CompensationContext, SentCommand
+from sagas.definition import Saga
+from sagas.engine import EngineSettings
+from sagas.errors import CompensationError, LedgerError, PermanentError
+from sagas.ledger import CompensationState
+from sagas.planner import idempotency_key
+from sagas.retry import RetryPolicy
+from sagas.testing import SagaTestHarness
+from schemas.envelope import EventEnvelope
+from schemas.headers import IDEMPOTENCY_KEY_HEADER
+from schemas.status import RollbackState
+from tests.support.waiting import wait_for
+
+S = CompensationState
+DEPLOYMENT = "orders-2.0"
+INSTANT = 1e-6  # timedelta resolution: one microsecond
+# One process, so confirmations and operator actions wake the run directly; a
+# long poll makes `settle()` jump straight from one retry to the next.
+NO_POLLING = EngineSettings(poll_interval=3600.0)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One handler invocation."""
+
+    key: str
+    event_id: str
+    event_type: str
+    attempt: int
+    at: datetime
+    rollback_id: str
+    event: Any
+
+
+@dataclass
+class Shop:
+    """A checkout saga whose handlers record calls and follow a failure script.
+
+    Compensated: OrderPlaced, PaymentCaptured (optionally confirmed by
+    PaymentRefunded), StockReserved. Manual: ReceiptEmailed. Ignored: OrderViewed.
+    """
+
+    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(jitter=0))
+    confirm_payment: bool = False
+    confirm_timeout: float = 10.0
+    settings: EngineSettings | None = None
+    calls: list[Call] = field(default_factory=list)
+    # event id → what successive attempts raise (None: succeed); empty → succeed.
+    script: dict[str, list[BaseException | None]] = field(default_factory=dict)
+    # event id → a gate the handler waits on after sending its command.
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    # event id → called inside the handler before it sends (to look at the ledger).
+    probes: dict[str, Callable[[CompensationContext], Any]] = field(default_factory=dict)
+    harness: SagaTestHarness | None = None
+
+    def __post_init__(self) -> None:
+        self.saga = Saga("checkout")
+        self.saga.compensate("OrderPlaced", retry=self.retry)(self._handler("cancel_order"))
+        self.saga.compensate(
+            "PaymentCaptured",
+            retry=self.retry,
+            confirm="PaymentRefunded" if self.confirm_payment else None,
+            confirm_timeout=self.confirm_timeout,
+        )(self._handler("refund"))
+        self.saga.compensate("StockReserved", retry=self.retry)(self._handler("release_stock"))
+        self.saga.irreversible("ReceiptEmailed", action="Apologise to the customer by e-mail")
+        self.saga.ignore("OrderViewed")
+
+    async def __aenter__(self) -> Shop:
+        self.harness = SagaTestHarness(self.saga, settings=self.settings)
+        await self.harness.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for gate in self.gates.values():
+            gate.set()
+        assert self.harness is not None
+        await self.harness.__aexit__(exc_type, exc, traceback)
+
+    @property
+    def h(self) -> SagaTestHarness:
+        assert self.harness is not None
+        return self.harness
+
+    def _handler(self, name: str) -> Callable[[Any, CompensationContext], Any]:
+        async def handler(event: Any, ctx: CompensationContext) -> None:
+            envelope = ctx.envelope
+            self.calls.append(
+                Call(
+                    key=ctx.idempotency_key,
+                    event_id=envelope.event_id,
+                    event_type=envelope.event_type,
+                    attempt=ctx.attempt,
+                    at=self.h.clock.now(),
+                    rollback_id=ctx.rollback_id,
+                    event=event,
+                )
+            )
+            probe = self.probes.get(envelope.event_id)
+            if probe is not None:
+                await probe(ctx)
+            script = self.script.get(envelope.event_id)
+            if script:
+                failure = script.pop(0)
+                if failure is not None:
+                    raise failure
+            await ctx.send(
+                f"{envelope.service}.commands",
+                {"undo": envelope.event_type, "event_id": envelope.event_id},
+                key=envelope.key,
+            )
+            gate = self.gates.get(envelope.event_id)
+            if gate is not None:
+                await gate.wait()
+
+        handler.__name__ = name
+        return handler
+
+    # -- events --------------------------------------------------------------------
+
+    def event(self, event_type: str, **fields: Any) -> EventEnvelope:
+        fields.setdefault("deployment_id", DEPLOYMENT)
+        return self.h.envelope(event_type, fields.pop("payload", {}), **fields)
+
+    async def checkout(
+        self, correlation_id: str, *, deployment_id: str = DEPLOYMENT
+    ) -> list[EventEnvelope]:
+        """One saga instance: order → payment → stock, each caused by the one before."""
+        placed = self.event("OrderPlaced", correlation_id=correlation_id, deployment_id=deployment_id)
+        paid = self.event(
+            "PaymentCaptured",
+            correlation_id=correlation_id,
+            causation_id=placed.event_id,
+            deployment_id=deployment_id,
+            service="payments",
+        )
+        reserved = self.event(
+            "StockReserved",
+            correlation_id=correlation_id,
+            causation_id=paid.event_id,
+            deployment_id=deployment_id,
+            service="inventory",
+        )
+        await self.h.emit(placed, paid, reserved)
+        return [placed, paid, reserved]
+
+    # -- inspection ------------------------------------------------------------------
+
+    def calls_of(self, event: EventEnvelope) -> list[Call]:
+        return [c for c in self.calls if c.event_id == event.event_id]
+
+    def sent_for(self, event: EventEnvelope) -> list[SentCommand]:
+        return [c for c in self.h.sent if c.json()["event_id"] == event.event_id]
+
+    def sent_order(self) -> list[str]:
+        return [c.json()["event_id"] for c in self.h.sent]
+
+    async def state_of(self, event: EventEnvelope) -> S:
+        record = await self.h.ledger.get_compensation(self.key(event))
+        assert record is not None, f"{event.event_type} {event.event_id} was never planned"
+        return record.state
+
+    def key(self, event: EventEnvelope) -> str:
+        step = {
+            "OrderPlaced": "cancel_order",
+            "PaymentCaptured": "refund",
+            "StockReserved": "release_stock",
+        }[event.event_type]
+        return idempotency_key(event.event_id, f"checkout.{step}")
+
+
+async def until(predicate: Callable[[], Any], message: str) -> None:
+    """Wait (real time, briefly) for something the run does without the clock moving."""
+    await wait_for(predicate, timeout=5.0, interval=0.002, message=message)
+
+
+# ------------------------------------------------------------------ retries
+
+
+class TestRetries:
+    async def test_backoff_is_exponential_without_jitter(self) -> None:
+        policy = RetryPolicy(max_attempts=5, initial_delay=1.0, multiplier=2.0, jitter=0)
+        async with Shop(retry=policy, settings=NO_POLLING) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.script[placed.event_id] = [ConnectionError("orders down")] * 3
+            scheduled: list[datetime | None] = []
+
+            async def look(ctx: CompensationContext) -> None:
+                record = await shop.h.ledger.get_compensation(ctx.idempotency_key)
+                assert record is not None
+                scheduled.append(record.next_attempt_at)
+
+            shop.probes[placed.event_id] = look
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.COMPLETED
+            calls = shop.calls_of(placed)
+            assert [c.attempt for c in calls] == [1, 2, 3, 4]
+            assert {c.key for c in calls} == {shop.key(placed)}
+            gaps = [(b.at - a.at).total_seconds() for a, b in zip(calls, calls[1:], strict=False)]
+            assert gaps == [1.0, 2.0, 4.0]
+            # Each retry ran exactly when the ledger said it would.
+            assert scheduled[0] is None
+            assert scheduled[1:] == [c.at for c in calls[1:]]
+            assert len(shop.sent_for(placed)) == 1
+
+    async def test_backoff_is_capped_by_max_delay(self) -> None:
+        policy = RetryPolicy(max_attempts=6, initial_delay=1.0, max_delay=3.0, jitter=0)
+        async with Shop(retry=policy, settings=NO_POLLING) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.script[placed.event_id] = [TimeoutError("slow")] * 5
+            await shop.h.rollback(DEPLOYMENT)
+            calls = shop.calls_of(placed)
+            gaps = [(b.at - a.at).total_seconds() for a, b in zip(calls, calls[1:], strict=False)]
+            assert gaps == [1.0, 2.0, 3.0, 3.0, 3.0]
+
+    async def test_backoff_grows_within_jitter_bounds(self) -> None:
+        policy = RetryPolicy(max_attempts=7, initial_delay=1.0, multiplier=2.0, jitter=0.2)
+        async with Shop(retry=policy, settings=NO_POLLING) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.script[placed.event_id] = [ConnectionError("orders down")] * 6
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.COMPLETED
+            calls = shop.calls_of(placed)
+            gaps = [(b.at - a.at).total_seconds() for a, b in zip(calls, calls[1:], strict=False)]
+            bases = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+            assert len(gaps) == len(bases)
+            for gap, base in zip(gaps, bases, strict=True):
+                assert base * 0.8 - INSTANT <= gap <= base * 1.2 + INSTANT
+            assert gaps == sorted(gaps)
+            assert len(set(gaps)) == len(gaps)
+            # Jitter is really applied (equality with every base has probability 0).
+            assert any(abs(g - b) > INSTANT for g, b in zip(gaps, bases, strict=True))
+
+    async def test_retry_after_from_the_error_overrides_the_backoff(self) -> None:
+        async with Shop(retry=RetryPolicy(jitter=0), settings=NO_POLLING) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.script[placed.event_id] = [CompensationError("busy", next_retry_delay=42.0)]
+            await shop.h.rollback(DEPLOYMENT)
+            first, second = shop.calls_of(placed)
+            assert (second.at - first.at).total_seconds() == 42.0
+
+    async def test_an_ordinary_value_error_in_a_handler_is_retried(self) -> None:
+        # Only PermanentError (and an unbuildable input) stop retrying; a
+        # handler's own ValueError is as transient as any other exception.
+        async with Shop() as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.script[placed.event_id] = [ValueError("service said 503 in a weird way")]
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.COMPLETED
+            assert [c.attempt for c in shop.calls_of(placed)] == [1, 2]
+
+    async def test_exhausted_retries_fail_the_compensation_and_the_rollback(self) -> None:
+        async with Shop(retry=RetryPolicy(max_attempts=3, jitter=0)) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.script[placed.event_id] = [ConnectionError("orders down")] * 10
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            key = shop.key(placed)
+            assert record.state == RollbackState.FAILED
+            assert record.error is not None
+            assert key in record.error
+            assert "retry or skip" in record.error
+            assert [c.attempt for c in shop.calls_of(placed)] == [1, 2, 3]
+            assert shop.h.sent == []
+            expected = "gave up after 3 attempts: ConnectionError: orders down"
+            assert shop.h.failures.failed == [(record.rollback_id, key, expected)]
+            stored = await shop.h.ledger.get_compensation(key)
+            assert stored is not None
+            assert (stored.state, stored.attempts, stored.last_error) == (S.FAILED, 3, expected)
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.failed, status.applied, status.planned) == (1, 0, 1)
+            assert shop.h.statuses.states(record.rollback_id)[-1] == RollbackState.FAILED
+
+    async def test_permanent_error_fails_after_one_attempt(self) -> None:
+        async with Shop(retry=RetryPolicy(max_attempts=10)) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.script[placed.event_id] = [PermanentError("order o1 was archived")]
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.FAILED
+            assert len(shop.calls_of(placed)) == 1
+            (failure,) = shop.h.failures.failed
+            assert failure[1] == shop.key(placed)
+            assert failure[2] == "permanent error: order o1 was archived"
+
+    async def test_handler_timeout_counts_as_a_failed_attempt(self) -> None:
+        # The handler timeout is real time (asyncio.wait_for): keep it tiny.
+        cancelled: list[bool] = []
+
+        async with Shop(retry=RetryPolicy(max_attempts=2, jitter=0, timeout=0.05)) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            hang = asyncio.Event()
+
+            async def hang_first_time(ctx: CompensationContext) -> None:
+                if ctx.attempt == 1:
+                    try:
+                        await hang.wait()
+                    except asyncio.CancelledError:
+                        cancelled.append(True)
+                        raise
+
+            shop.probes[placed.event_id] = hang_first_time
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.COMPLETED
+            assert [c.attempt for c in shop.calls_of(placed)] == [1, 2]
+            assert cancelled == [True]
+            assert len(shop.sent_for(placed)) == 1
+
+    async def test_handler_timeout_error_is_readable_when_exhausted(self) -> None:
+        async with Shop(retry=RetryPolicy(max_attempts=1, timeout=0.05)) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+
+            async def hang(ctx: CompensationContext) -> None:
+                await asyncio.Event().wait()
+
+            shop.probes[placed.event_id] = hang
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.FAILED
+            (failure,) = shop.h.failures.failed
+            assert failure[2] == "gave up after 1 attempts: handler timed out after 0.05s"
+
+    async def test_a_failing_command_sink_is_retried(self) -> None:
+        async with Shop() as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            shop.h.commands.failures_left = 2
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.COMPLETED
+            assert [c.attempt for c in shop.calls_of(placed)] == [1, 2, 3]
+            assert len(shop.h.sent) == 1
+
+
+# ------------------------------------------------------------- failure isolation
+
+
+class TestFailureIsolation:
+    async def test_a_failed_step_blocks_only_its_own_instance(self) -> None:
+        async with Shop(retry=RetryPolicy(max_attempts=2, jitter=0)) as shop:
+            bad_order, bad_payment, bad_stock = await shop.checkout("c-bad")
+            good = await shop.checkout("c-good")
+            shop.script[bad_payment.event_id] = [PermanentError("refund refused")]
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.FAILED
+            # The bad instance: stock undone, payment failed, order blocked behind it.
+            assert await shop.state_of(bad_stock) == S.APPLIED
+            assert await shop.state_of(bad_payment) == S.FAILED
+            assert await shop.state_of(bad_order) == S.BLOCKED
+            assert shop.calls_of(bad_order) == []
+            # The other instance went on to the end.
+            assert [await shop.state_of(e) for e in good] == [S.APPLIED] * 3
+            assert [e.event_id for e in reversed(good)] == [
+                x for x in shop.sent_order() if x in {e.event_id for e in good}
+            ]
+            counts = await shop.h.ledger.counts(record.rollback_id)
+            assert (counts.applied, counts.failed, counts.blocked) == (4, 1, 1)
+
+    async def test_operator_retry_completes_the_rollback(self) -> None:
+        async with Shop(retry=RetryPolicy(max_attempts=2, jitter=0)) as shop:
+            order, payment, stock = await shop.checkout("c1")
+            shop.script[payment.event_id] = [PermanentError("refund refused")]
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.FAILED
+
+            # The payments team fixed their side; the operator retries.
+            reopened = await shop.h.engine.retry(shop.key(payment))
+            assert reopened == [record.rollback_id]
+            record = await shop.h.settle(record.rollback_id)
+
+            assert record.state == RollbackState.COMPLETED
+            assert record.error is None
+            assert [await shop.state_of(e) for e in (order, payment, stock)] == [S.APPLIED] * 3
+            assert [c.attempt for c in shop.calls_of(payment)] == [1, 1]  # fresh budget
+            assert shop.sent_order() == [stock.event_id, payment.event_id, order.event_id]
+            assert shop.h.statuses.states(record.rollback_id)[-3:] == [
+                RollbackState.FAILED,
+                RollbackState.RUNNING,
+                RollbackState.COMPLETED,
+            ]
+
+    async def test_operator_retry_of_a_compensation_that_did_not_fail_is_refused(self) -> None:
+        async with Shop() as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+            await shop.h.rollback(DEPLOYMENT)
+            with pytest.raises(LedgerError, match="it is applied"):
+                await shop.h.engine.retry(shop.key(placed))
+            with pytest.raises(LedgerError, match="unknown compensation"):
+                await shop.h.engine.retry("no-such-key")
+
+    async def test_operator_skip_lets_dependents_go_on(self) -> None:
+        async with Shop(retry=RetryPolicy(max_attempts=2, jitter=0)) as shop:
+            order, payment, stock = await shop.checkout("c1")
+            shop.script[payment.event_id] = [PermanentError("refund refused")] * 5
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.FAILED
+
+            with pytest.raises(LedgerError, match="reason"):
+                await shop.h.engine.skip(shop.key(payment), "  ")
+            reason = "refunded by hand in the PSP dashboard (ticket OPS-12)"
+            assert await shop.h.engine.skip(shop.key(payment), reason) == [record.rollback_id]
+            record = await shop.h.settle(record.rollback_id)
+
+            assert record.state == RollbackState.COMPLETED
+            skipped = await shop.h.ledger.get_compensation(shop.key(payment))
+            assert skipped is not None
+            assert (skipped.state, skipped.skip_reason) == (S.SKIPPED, reason)
+            assert await shop.state_of(order) == S.APPLIED
+            assert len(shop.calls_of(payment)) == 1
+            assert shop.sent_order() == [stock.event_id, order.event_id]
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.applied, status.skipped, status.failed) == (2, 1, 0)
+
+
+    async def test_a_due_retry_waiting_for_a_free_slot_does_not_spin(self) -> None:
+        settings = EngineSettings(concurrency=1, poll_interval=0.5)
+        async with Shop(retry=RetryPolicy(jitter=0), settings=settings) as shop:
+            early, late = shop.event("OrderPlaced"), shop.event("OrderPlaced")
+            await shop.h.emit(early, late)
+            shop.script[late.event_id] = [ConnectionError("orders down")]
+            shop.gates[early.event_id] = asyncio.Event()
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            # `late` is undone first, fails once; `early` then holds the only slot.
+            await until(lambda: len(shop.h.sent) == 1, "early's compensation in flight")
+            await shop.h.clock.advance(5)  # late's retry is due, but no slot is free
+
+            checks = 0
+            get_rollback = shop.h.ledger.get_rollback
+
+            async def counting(rollback_id: str) -> Any:
+                nonlocal checks
+                checks += 1
+                return await get_rollback(rollback_id)
+
+            shop.h.ledger.get_rollback = counting  # type: ignore[method-assign]
+            await asyncio.sleep(0.05)
+            # A run that waits reads the ledger once per wake-up, not in a loop.
+            assert checks <= 2
+
+            shop.gates[early.event_id].set()
+            record = await shop.h.settle(record.rollback_id)
+            assert record.state == RollbackState.COMPLETED
+            assert [c.attempt for c in shop.calls_of(late)] == [1, 2]
+
+
+# --------------------------------------------------------------- confirmations
+
+
+class TestConfirmations:
+    async def test_confirmed_by_the_right_type_caused_by_the_key(self) -> None:
+        async with Shop(confirm_payment=True) as shop:
+            paid = shop.event("PaymentCaptured", service="payments")
+            other = shop.event("PaymentCaptured", service="payments")
+            await shop.h.emit(paid, other)
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await until(lambda: len(shop.h.sent) == 2, "both refunds sent")
+            command = shop.sent_for(paid)[0]
+            assert command.header(IDEMPOTENCY_KEY_HEADER) == shop.key(paid)
+
+            # Wrong type, right key: not a confirmation.
+            assert (await shop.h.confirm(command, "PaymentFailed")).confirmed_keys == []
+            # Right type, but caused by something else than the key.
+            stray = shop.h.envelope(
+                "PaymentRefunded", {}, deployment_id="payments-9", causation_id=str(uuid.uuid4())
+            )
+            assert (await shop.h.emit(stray)).confirmed_keys == []
+            assert await shop.state_of(paid) == S.APPLIED
+
+            result = await shop.h.confirm(command, "PaymentRefunded")
+            assert result.confirmed_keys == [shop.key(paid)]
+            assert await shop.state_of(paid) == S.CONFIRMED
+            assert await shop.state_of(other) == S.APPLIED
+            await shop.h.confirm(shop.sent_for(other)[0], "PaymentRefunded")
+            record = await shop.h.settle(record.rollback_id)
+
+            assert record.state == RollbackState.COMPLETED
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.applied, status.confirmed) == (2, 2)
+            # Confirmations are reactions to compensations, not late events to undo.
+            assert status.late == 0
+            assert len(shop.calls) == 2
+
+    async def test_timeout_reruns_the_handler_with_the_same_key(self) -> None:
+        async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
+            paid = shop.event("PaymentCaptured", service="payments")
+            await shop.h.emit(paid)
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await until(lambda: len(shop.h.sent) == 1, "first refund sent")
+            await shop.h.clock.advance(9.9)
+            await asyncio.sleep(0.01)
+            assert len(shop.calls) == 1
+            await shop.h.clock.advance(0.1)
+            await until(lambda: len(shop.h.sent) == 2, "refund sent again after the timeout")
+
+            first, second = shop.calls
+            assert (first.attempt, second.attempt) == (1, 2)
+            assert first.key == second.key == shop.key(paid)
+            assert (second.at - first.at).total_seconds() == 10.0
+            keys = [c.header(IDEMPOTENCY_KEY_HEADER) for c in shop.h.sent]
+            assert keys == [shop.key(paid)] * 2
+
+            await shop.h.confirm(shop.h.sent[1], "PaymentRefunded")
+            record = await shop.h.settle(record.rollback_id)
+            assert record.state == RollbackState.COMPLETED
+            assert len(shop.calls) == 2
+
+    async def test_a_confirmation_for_the_first_send_still_counts_after_a_rerun(self) -> None:
+        async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
+            paid = shop.event("PaymentCaptured", service="payments")
+            await shop.h.emit(paid)
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await until(lambda: len(shop.h.sent) == 1, "first refund sent")
+            await shop.h.clock.advance(10)
+            await until(lambda: len(shop.h.sent) == 2, "refund sent again")
+            # The slow service finally answers the first command: same key, so it confirms.
+            await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            record = await shop.h.settle(record.rollback_id)
+            assert record.state == RollbackState.COMPLETED
+            assert await shop.state_of(paid) == S.CONFIRMED
+
+    async def test_confirmation_timeouts_use_up_the_retry_budget(self) -> None:
+        async with Shop(
+            confirm_payment=True,
+            confirm_timeout=10.0,
+            retry=RetryPolicy(max_attempts=3),
+            settings=NO_POLLING,
+        ) as shop:
+            paid = shop.event("PaymentCaptured", service="payments")
+            await shop.h.emit(paid)
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.FAILED
+            assert [c.attempt for c in shop.calls] == [1, 2, 3]
+            assert {c.key for c in shop.calls} == {shop.key(paid)}
+            gaps = [(b.at - a.at).total_seconds() for a, b in zip(shop.calls, shop.calls[1:])]
+            assert gaps == [10.0, 10.0]
+            (failure,) = shop.h.failures.failed
+            assert failure[1] == shop.key(paid)
+            assert failure[2] == (
+                f"no PaymentRefunded confirmed {shop.key(paid)} within 10s (attempt 3)"
+            )
+            assert await shop.state_of(paid) == S.FAILED
+
+    async def test_confirmation_before_the_outcome_is_recorded_wins(self) -> None:
+        async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
+            paid = shop.event("PaymentCaptured", service="payments")
+            await shop.h.emit(paid)
+            shop.gates[paid.event_id] = asyncio.Event()
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await until(lambda: len(shop.h.sent) == 1, "refund sent")
+            assert await shop.state_of(paid) == S.RUNNING
+
+            # The service is faster than the handler's return.
+            result = await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            assert result.confirmed_keys == [shop.key(paid)]
+            shop.gates[paid.event_id].set()
+            record = await shop.h.settle(record.rollback_id)
+
+            assert record.state == RollbackState.COMPLETED
+            assert await shop.state_of(paid) == S.CONFIRMED
+            # The handler's own "applied, waiting for confirmation" did not win:
+            # no timeout, no second run, even long after the deadline.
+            await shop.h.clock.advance(3600)
+            assert len(shop.calls) == 1
+            assert await shop.state_of(paid) == S.CONFIRMED
+
+
+# ------------------------------------------------------------------- pause
+
+
+class TestPause:
+    async def test_pause_stops_new_starts_and_resume_continues(self) -> None:
+        async with Shop() as shop:
+            order, payment, stock = await shop.checkout("c1")
+            shop.gates[stock.event_id] = asyncio.Event()
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            rollback_id = record.rollback_id
+            await until(lambda: len(shop.h.sent) == 1, "first compensation in flight")
+
+            await shop.h.engine.pause(rollback_id)
+            # The in-flight compensation finishes; nothing new starts.
+            shop.gates[stock.event_id].set()
+            await until(lambda: not shop.h.engine.running(), "the run stops")
+            await shop.h.clock.advance(600)
+            await asyncio.sleep(0.01)
+            assert [c.event_id for c in shop.calls] == [stock.event_id]
+            assert await shop.state_of(stock) == S.APPLIED
+            assert await shop.state_of(payment) == S.PENDING
+            assert (await shop.h.ledger.require_rollback(rollback_id)).state == RollbackState.PAUSED
+            with pytest.raises(LedgerError, match="not running"):
+                await shop.h.engine.pause(rollback_id)
+
+            await shop.h.engine.resume_rollback(rollback_id)
+            record = await shop.h.settle(rollback_id)
+
+            assert record.state == RollbackState.COMPLETED
+            assert shop.sent_order() == [stock.event_id, payment.event_id, order.event_id]
+            # Nothing ran twice.
+            assert [c.event_id for c in shop.calls] == shop.sent_order()
+            assert shop.h.statuses.states(rollback_id) == [
+                RollbackState.ACCEPTED,
+                RollbackState.PLANNING,
+                RollbackState.RUNNING,
+                RollbackState.PAUSED,
+                RollbackState.RUNNING,
+                RollbackState.COMPLETED,
+            ]
+
+    async def test_resume_of_a_completed_rollback_is_refused(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            with pytest.raises(LedgerError, match="not paused or failed"):
+                await shop.h.engine.resume_rollback(record.rollback_id)
+
+
+# ------------------------------------------------------------------ upcasting
+
+
+class ParcelShippedV3(BaseModel):
+    __event_type__ = "ParcelShipped"
+    __schema_version__ = 3
+
+    parcel_id: str
+    carrier: str
+    weight_grams: int
+
+
+def _shipping_saga(calls: list[tuple[Any, CompensationContext]]) -> Saga:
+    shipping = Saga("shipping")
+
+    @shipping.compensate(ParcelShippedV3)
+    async def recall_parcel(event: ParcelShippedV3, ctx: CompensationContext) -> None:
+        calls.append((event, ctx))
+        await ctx.send("shipping.commands", {"recall": event.parcel_id})
+
+    @shipping.upcaster("ParcelShipped", from_version=1)
+    def v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+        # v2 split "parcel" into id and carrier.
+        parcel_id, carrier = payload["parcel"].split("@")
+        return {"parcel_id": parcel_id, "carrier": carrier, "weight_kg": payload["weight_kg"]}
+
+    @shipping.upcaster("ParcelShipped", from_version=2)
+    def v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+        # v3 measures in grams.
+        rest = {k: v for k, v in payload.items() if k != "weight_kg"}
+        return {**rest, "weight_grams": round(payload["weight_kg"] * 1000)}
+
+    return shipping
+
+
+class TestUpcasting:
+    async def test_v1_payload_is_upcast_to_v3_before_the_handler_runs(self) -> None:
+        calls: list[tuple[Any, CompensationContext]] = []
+        async with SagaTestHarness(_shipping_saga(calls)) as h:
+            v1 = h.envelope(
+                "ParcelShipped",
+                {"parcel": "p-7@dhl", "weight_kg": 1.25},
+                deployment_id="shipping-3.1",
+                schema_version=1,
+            )
+            v2 = h.envelope(
+                "ParcelShipped",
+                {"parcel_id": "p-8", "carrier": "ups", "weight_kg": 0.5},
+                deployment_id="shipping-3.1",
+                schema_version=2,
+            )
+            await h.emit(v1, v2)
+            record = await h.rollback("shipping-3.1")
+
+            assert record.state == RollbackState.COMPLETED
+            by_id = {ctx.envelope.event_id: event for event, ctx in calls}
+            assert by_id[v1.event_id] == ParcelShippedV3(
+                parcel_id="p-7", carrier="dhl", weight_grams=1250
+            )
+            assert by_id[v2.event_id] == ParcelShippedV3(
+                parcel_id="p-8", carrier="ups", weight_grams=500
+            )
+            # The envelope is what was emitted; only the handler's argument is upcast.
+            (ctx,) = [ctx for _, ctx in calls if ctx.envelope.event_id == v1.event_id]
+            assert ctx.envelope.schema_version == 1
+            assert ctx.envelope.payload == {"parcel": "p-7@dhl", "weight_kg": 1.25}
+
+    async def test_a_payload_the_upcasters_cannot_handle_fails_without_retrying(self) -> None:
+        calls: list[tuple[Any, CompensationContext]] = []
+        async with SagaTestHarness(_shipping_saga(calls)) as h:
+            broken = h.envelope(
+                "ParcelShipped", {"weight_kg": 1}, deployment_id="shipping-3.1", schema_version=1
+            )
+            await h.emit(broken)
+            record = await h.rollback("shipping-3.1")
+            assert record.state == RollbackState.FAILED
+            assert calls == []
+            (failure,) = h.failures.failed
+            assert "cannot build the handler's input" in failure[2]
+            assert "upcaster of ParcelShipped from v1 failed" in failure[2]
+            stored = await h.ledger.get_compensation(failure[1])
+            assert stored is not None
+            assert stored.attempts == 1
+
+    async def test_a_missing_upcaster_makes_the_event_uncovered_at_plan_time(self) -> None:
+        shipping = Saga("shipping")
+
+        @shipping.compensate(ParcelShippedV3)
+        async def recall_parcel(event: ParcelShippedV3, ctx: CompensationContext) -> None:
+            raise AssertionError("must not run for an event it cannot read")
+
+        @shipping.upcaster("ParcelShipped", from_version=2)
+        def v2_to_v3(payload: dict[str, Any]) -> dict[str, Any]:
+            return payload
+
+        async with SagaTestHarness(shipping) as h:
+            old = h.envelope(
+                "ParcelShipped", {"parcel": "p@x"}, deployment_id="shipping-3.1", schema_version=1
+            )
+            await h.emit(old)
+            record = await h.rollback("shipping-3.1")
+
+            assert record.state == RollbackState.COMPLETED_WITH_WARNINGS
+            assert h.sent == []
+            (note,) = record.uncovered
+            assert note["event_id"] == old.event_id
+            assert note["kind"] == "uncovered"
+            assert note["detail"] == (
+                "ParcelShipped v1 cannot reach v3: saga 'shipping' has no upcaster from v1"
+            )
+            status = await h.engine.status_of(record.rollback_id)
+            assert (status.planned, status.uncovered) == (0, 1)
+
+
+# ------------------------------------------------------------------- signals
+
+
+class TestSignals:
+    async def test_dry_run_plans_and_sends_nothing(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            await shop.h.emit(shop.event("ReceiptEmailed", correlation_id="c1"))
+            record = await shop.h.rollback(DEPLOYMENT, dry_run=True)
+
+            assert record.state == RollbackState.PLANNED
+            assert record.dry_run
+            assert shop.calls == []
+            assert shop.h.sent == []
+            assert shop.h.engine.running() == []
+            items = await shop.h.compensations(record.rollback_id)
+            assert [i.state for i in items] == [S.PENDING] * 3
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.planned, status.manual, status.dry_run) == (3, 1, True)
+            assert shop.h.statuses.states(record.rollback_id) == [
+                RollbackState.ACCEPTED,
+                RollbackState.PLANNING,
+                RollbackState.PLANNED,
+            ]
+            # A dry run does not spoil a real one.
+            real = await shop.h.rollback(DEPLOYMENT)
+            assert real.state == RollbackState.COMPLETED_WITH_WARNINGS
+            assert len(shop.h.sent) == 3
+
+    async def test_duplicate_signal_is_one_rollback(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            signal = shop.h.signal(DEPLOYMENT, signal_id="sig-1")
+            first = await shop.h.engine.handle_signal(signal)
+            again = await shop.h.engine.handle_signal(signal)  # while the first runs
+            assert again.rollback_id == first.rollback_id == "sig-1"
+            await shop.h.settle("sig-1")
+            third = await shop.h.engine.handle_signal(signal)  # after it finished
+
+            assert third.state == RollbackState.COMPLETED
+            assert len(shop.h.sent) == 3
+            assert len(shop.calls) == 3
+            assert [r.rollback_id for r in await shop.h.ledger.list_rollbacks()] == ["sig-1"]
+            assert shop.h.statuses.states("sig-1").count(RollbackState.ACCEPTED) == 1
+
+    async def test_two_signals_for_the_same_events_compensate_once(self) -> None:
+        async with Shop() as shop:
+            events = await shop.checkout("c1")
+            first = await shop.h.rollback(DEPLOYMENT)
+            second = await shop.h.rollback(DEPLOYMENT)
+
+            assert first.rollback_id != second.rollback_id
+            assert first.state == second.state == RollbackState.COMPLETED
+            assert len(shop.calls) == 3
+            assert len(shop.h.sent) == 3
+            # The second rollback reports the work as done, not as its own.
+            status = await shop.h.engine.status_of(second.rollback_id)
+            assert (status.planned, status.applied) == (3, 3)
+            assert [await shop.state_of(e) for e in events] == [S.APPLIED] * 3
+
+    async def test_two_concurrent_signals_compensate_once(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            await shop.checkout("c2")
+            first = await shop.h.rollback(DEPLOYMENT, settle=False)
+            by_service = await shop.h.rollback(
+                settle=False, service="orders", service_version="1.0"
+            )
+            await shop.h.settle(first.rollback_id)
+            second = await shop.h.settle(by_service.rollback_id)
+
+            assert second.deployment_id == DEPLOYMENT
+            assert second.state == RollbackState.COMPLETED
+            assert (await shop.h.ledger.require_rollback(first.rollback_id)).state == (
+                RollbackState.COMPLETED
+            )
+            assert len(shop.calls) == 6
+            assert sorted(c.key for c in shop.calls) == sorted({c.key for c in shop.calls})
+
+    async def test_unknown_deployment_is_rejected_with_a_clear_error(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            record = await shop.h.rollback("nope-9.9")
+            assert record.state == RollbackState.REJECTED
+            assert record.error == (
+                "unknown deployment: no events were ever tracked for deployment 'nope-9.9'"
+            )
+            by_service = await shop.h.rollback(service="nope", service_version="9.9")
+            assert by_service.state == RollbackState.REJECTED
+            assert by_service.error is not None
+            assert "service 'nope' version '9.9'" in by_service.error
+            assert shop.h.sent == []
+            last = shop.h.statuses.records[-1]
+            assert (last.state, last.error) == (RollbackState.REJECTED, by_service.error)
+
+    async def test_a_window_without_events_is_rejected(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            later = shop.h.clock.now() + timedelta(hours=2)
+            record = await shop.h.rollback(DEPLOYMENT, since=later)
+            assert record.state == RollbackState.REJECTED
+            assert record.error is not None
+            assert "no tracked events between the window's bounds" in record.error
+
+    async def test_guard_rejects_a_large_rollback_unless_forced(self) -> None:
+        async with Shop(settings=EngineSettings(max_compensations=2)) as shop:
+            await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.REJECTED
+            assert record.error is not None
+            assert "3 compensations" in record.error
+            assert "BACKOUT_MAX_COMPENSATIONS=2" in record.error
+            assert "force" in record.error
+            assert shop.h.sent == []
+
+            forced = await shop.h.rollback(DEPLOYMENT, force=True)
+            assert forced.state == RollbackState.COMPLETED
+            assert len(shop.h.sent) == 3
+
+    async def test_guard_counts_compensations_not_events(self) -> None:
+        async with Shop(settings=EngineSettings(max_compensations=1)) as shop:
+            await shop.h.emit(
+                shop.event("OrderPlaced"), shop.event("OrderViewed"), shop.event("ReceiptEmailed")
+            )
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.COMPLETED_WITH_WARNINGS
+
+    async def test_status_sequence_of_a_clean_rollback(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert shop.h.statuses.states(record.rollback_id) == [
+                RollbackState.ACCEPTED,
+                RollbackState.PLANNING,
+                RollbackState.RUNNING,
+                RollbackState.COMPLETED,
+            ]
+            final = shop.h.statuses.records[-1]
+            assert (final.planned, final.applied, final.error) == (3, 3, None)
+            assert final.deployment_id == DEPLOYMENT
+
+    async def test_status_sequence_with_manual_actions_ends_with_warnings(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            emailed = shop.event("ReceiptEmailed", correlation_id="c1")
+            await shop.h.emit(emailed, shop.event("OrderViewed", correlation_id="c1"))
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert shop.h.statuses.states(record.rollback_id) == [
+                RollbackState.ACCEPTED,
+                RollbackState.PLANNING,
+                RollbackState.RUNNING,
+                RollbackState.COMPLETED_WITH_WARNINGS,
+            ]
+            final = shop.h.statuses.records[-1]
+            assert (final.applied, final.manual, final.uncovered) == (3, 1, 0)
+            (note,) = record.manual
+            assert note["event_id"] == emailed.event_id
+            assert note["detail"] == "Apologise to the customer by e-mail"
+
+
+# ------------------------------------------------------------------- late events
+
+
+class TestLateEvents:
+    async def test_an_event_emitted_after_the_rollback_completed_is_compensated(self) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.COMPLETED
+            assert len(shop.h.sent) == 3
+
+            # Traffic still draining from the bad pods.
+            straggler = shop.event("OrderPlaced", correlation_id="c9")
+            await shop.h.emit(straggler)
+            record = await shop.h.settle(record.rollback_id)
+
+            assert record.state == RollbackState.COMPLETED
+            assert shop.sent_order()[-1] == straggler.event_id
+            assert await shop.state_of(straggler) == S.APPLIED
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.planned, status.applied, status.late) == (4, 4, 1)
+
+    async def test_a_late_effect_in_another_service_is_compensated(self) -> None:
+        async with Shop() as shop:
+            (placed, *_) = await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            # Payments (a healthy deployment) reacts late to the rolled-back order.
+            late_payment = shop.event(
+                "PaymentCaptured",
+                deployment_id="payments-5.0",
+                service="payments",
+                causation_id=placed.event_id,
+            )
+            unrelated = shop.event("PaymentCaptured", deployment_id="payments-5.0")
+            await shop.h.emit(late_payment, unrelated)
+            record = await shop.h.settle(record.rollback_id)
+
+            assert await shop.state_of(late_payment) == S.APPLIED
+            assert shop.calls_of(unrelated) == []
+            assert (await shop.h.engine.status_of(record.rollback_id)).late == 1
+
+    async def test_no_late_compensation_after_the_quarantine_window(self) -> None:
+        async with Shop(settings=EngineSettings(quarantine_seconds=60)) as shop:
+            await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            await shop.h.clock.advance(61)
+            await shop.h.emit(shop.event("OrderPlaced"))
+            assert shop.h.engine.running() == []
+            assert (await shop.h.engine.status_of(record.rollback_id)).late == 0
+            assert len(shop.h.sent) == 3
