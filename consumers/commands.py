@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from datetime import datetime
 from typing import Any
@@ -23,8 +24,10 @@ from schemas import (
     utc_now,
 )
 
-console = Console()
-errors = Console(stderr=True)
+# Piped output (CI logs, `| less`) gets a wide console instead of rich's 80
+# columns, so ids and errors stay readable.
+console = Console(width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
