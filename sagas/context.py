@@ -6,8 +6,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
+from sagas import tracing
 from schemas.envelope import EventEnvelope
 from schemas.headers import COMPENSATES_HEADER, IDEMPOTENCY_KEY_HEADER, ROLLBACK_ID_HEADER
 
@@ -63,7 +65,6 @@ class CompensationContext:
     envelope: EventEnvelope
     saga: str
     sink: CommandSink
-    trace_headers: Headers = field(default_factory=list)
     sent: list[SentCommand] = field(default_factory=list)
 
     async def send(
@@ -77,9 +78,11 @@ class CompensationContext:
         """Send a command to the service that owns the data.
 
         Backout adds the headers `backout-idempotency-key`, `backout-rollback-id`,
-        `backout-compensates` and the trace context; the caller's own headers
-        come first.
+        `backout-compensates` and the W3C trace context of a `send {topic}`
+        producer span (a child of the compensation's span); the caller's own
+        headers come first.
         """
+        encoded_key = key.encode() if isinstance(key, str) else key
         record_headers: Headers = [
             (name, v if isinstance(v, bytes) else v.encode()) for name, v in (headers or {}).items()
         ]
@@ -87,15 +90,27 @@ class CompensationContext:
             (IDEMPOTENCY_KEY_HEADER, self.idempotency_key.encode()),
             (ROLLBACK_ID_HEADER, self.rollback_id.encode()),
             (COMPENSATES_HEADER, self.envelope.event_id.encode()),
-            *self.trace_headers,
         ]
-        command = SentCommand(
-            topic=topic,
-            value=_encode_value(value),
-            key=key.encode() if isinstance(key, str) else key,
-            headers=record_headers,
-        )
-        await self.sink.send(command.topic, command.value, command.key, command.headers)
+        attributes: dict[str, str | int] = {
+            tracing.MESSAGING_SYSTEM: "kafka",
+            tracing.MESSAGING_DESTINATION: topic,
+            tracing.MESSAGING_OPERATION_TYPE: "send",
+            tracing.MESSAGING_OPERATION_NAME: "send",
+            tracing.IDEMPOTENCY_KEY: self.idempotency_key,
+            tracing.ROLLBACK_ID: self.rollback_id,
+        }
+        if encoded_key is not None:
+            attributes[tracing.MESSAGING_KEY] = encoded_key.decode("utf-8", "replace")
+        with tracing.tracer().start_as_current_span(
+            tracing.span_send(topic), kind=SpanKind.PRODUCER, attributes=attributes
+        ):
+            command = SentCommand(
+                topic=topic,
+                value=_encode_value(value),
+                key=encoded_key,
+                headers=record_headers + tracing.current_headers(),
+            )
+            await self.sink.send(command.topic, command.value, command.key, command.headers)
         self.sent.append(command)
 
 

@@ -195,7 +195,7 @@ class RollbackRun:
         item.waiting_on = sum(
             1
             for d in item.record.depends_on
-            if d in self._items and self._items[d].state not in DONE_STATES
+            if d in self._items and not _done(self._items[d], self._items[d].state)
         )
         if item.state == S.PENDING and item.waiting_on == 0:
             self._mark_ready(item)
@@ -216,7 +216,7 @@ class RollbackRun:
         self._ready.discard(item.key)
         if state == S.PENDING and item.waiting_on == 0:
             self._mark_ready(item)
-        was_done, is_done = before in DONE_STATES, state in DONE_STATES
+        was_done, is_done = _done(item, before), _done(item, state)
         if was_done == is_done:
             return
         for key in item.dependents:
@@ -252,7 +252,7 @@ class RollbackRun:
             await self._start_ready(now)
             if not self._inflight and self._nothing_left_to_wait_for():
                 failed = [k for k, i in self._items.items() if i.state == S.FAILED]
-                finished = all(i.state in DONE_STATES for i in self._items.values())
+                finished = all(_done(i, i.state) for i in self._items.values())
                 return RunResult(finished=finished, failed=failed, paused=False)
             await self._wait(now)
             await self._collect()
@@ -286,7 +286,9 @@ class RollbackRun:
 
     def _dependencies_done(self, item: _Item) -> bool:
         return all(
-            self._items[d].state in DONE_STATES for d in item.record.depends_on if d in self._items
+            _done(self._items[d], self._items[d].state)
+            for d in item.record.depends_on
+            if d in self._items
         )
 
     def _dependency_failed(self, item: _Item) -> bool:
@@ -462,7 +464,6 @@ class RollbackRun:
                 envelope=envelope,
                 saga=step.saga,
                 sink=self.sink,
-                trace_headers=tracing.current_headers(),
             )
             await asyncio.wait_for(step.handler(argument, context), timeout=step.retry.timeout)
         except PermanentError as exc:
@@ -502,6 +503,18 @@ class RollbackRun:
             error=error,
             next_attempt_at=self.clock.now() + timedelta(seconds=wait),
         )
+
+
+def _done(item: _Item, state: S) -> bool:
+    """Whether `item` in `state` no longer holds up what depends on it.
+
+    A step that declares a confirmation is done only once confirmed: a parent
+    is undone after its children's undo has really landed at the services,
+    and a child that finally fails blocks its parent (DESIGN §4).
+    """
+    if state == S.APPLIED:
+        return item.step.confirm is None
+    return state in DONE_STATES
 
 
 def _record_outcome(span: Span, outcome: Outcome) -> None:

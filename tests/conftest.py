@@ -25,6 +25,10 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.engine import make_url
 
 from consumers.broker import BrokerError, EmbeddedBroker
@@ -193,3 +197,21 @@ def ledger_url(request: pytest.FixtureRequest) -> str:
     fixture = "sqlite_url" if request.param == "sqlite" else "fresh_pg_url"
     url: str = request.getfixturevalue(fixture)
     return url
+
+
+# ---------------------------------------------------------------------------- tracing
+
+# One SDK provider for the whole session (OpenTelemetry allows setting the
+# global provider once): every test runs with real spans, and `spans` hands a
+# test the finished ones, cleared before it starts.
+_SPAN_EXPORTER = InMemorySpanExporter()
+_PROVIDER = TracerProvider()
+_PROVIDER.add_span_processor(SimpleSpanProcessor(_SPAN_EXPORTER))
+trace.set_tracer_provider(_PROVIDER)
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """The in-memory exporter of finished spans, emptied for this test."""
+    _SPAN_EXPORTER.clear()
+    return _SPAN_EXPORTER

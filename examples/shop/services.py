@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -269,7 +269,7 @@ class ShopService(ABC):
         if producer is not None:
             await producer.stop()
 
-    async def __aenter__(self) -> ShopService:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -664,7 +664,7 @@ class Shop:
         for service in reversed(list(self.services.values())):
             await service.stop()
 
-    async def __aenter__(self) -> Shop:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
