@@ -47,3 +47,26 @@ def record_tracked(events: Sequence[TrackedEvent], duplicates: int) -> None:
         )
     if duplicates:
         EVENTS_DUPLICATE.inc(duplicates)
+
+
+class PrometheusObserver:
+    """The engine's `EngineObserver`, counting into the metrics above."""
+
+    def __init__(self) -> None:
+        self._running: set[str] = set()
+
+    def compensation_outcome(self, state: str) -> None:
+        """Count one attempt's outcome (`pending` means "failed, will retry")."""
+        COMPENSATIONS.labels(outcome="retrying" if state == "pending" else state).inc()
+
+    def rollback_started(self, rollback_id: str) -> None:
+        """A run began."""
+        self._running.add(rollback_id)
+        ROLLBACKS_IN_PROGRESS.set(len(self._running))
+
+    def rollback_ended(self, rollback_id: str, state: str, seconds: float | None) -> None:
+        """A run ended; observe the duration of rollbacks that finished."""
+        self._running.discard(rollback_id)
+        ROLLBACKS_IN_PROGRESS.set(len(self._running))
+        if seconds is not None and state in ("completed", "completed_with_warnings", "failed"):
+            ROLLBACK_DURATION.observe(seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -48,6 +49,12 @@ class KafkaPublisher:
         if self._started:
             await self._producer.stop()
             self._started = False
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Raise unless a broker answers a metadata request within `timeout` seconds."""
+        if not self._started:
+            raise ConnectionError("the producer is not started")
+        await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout)
 
     async def send(
         self, topic: str, value: bytes | None, key: bytes | None, headers: Headers

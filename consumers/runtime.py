@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from mode import Service
 
 from consumers.decoding import EventDecoder
+from consumers.metrics import PrometheusObserver
 from consumers.publisher import DeadLetters, KafkaPublisher, StatusPublisher
 from consumers.settings import Settings
 from consumers.signals import SignalIntake
@@ -75,6 +76,7 @@ class Runtime(Service):
             failures=self.dead_letters,
             clock=self.clock,
             settings=s.engine_settings(),
+            observer=PrometheusObserver(),
         )
         self.signals = SignalIntake(
             self.engine,

@@ -41,6 +41,18 @@ class Settings(BaseSettings):
     web_host: str = Field(default="127.0.0.1", description="Address the HTTP API listens on.")
     web_port: int = Field(default=6066, ge=0, le=65535, description="Port of the HTTP API.")
     api_token: str | None = Field(default=None, description="Bearer token of mutating endpoints.")
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest HTTP request body accepted, in bytes."
+    )
+    alert_deployment_label: str = Field(
+        default="deployment_id", description="Alert label naming the deployment to roll back."
+    )
+    alert_service_label: str = Field(
+        default="service", description="Alert label naming the service (with the version label)."
+    )
+    alert_version_label: str = Field(
+        default="version", description="Alert label naming the service version to roll back."
+    )
     signal_key: str | None = Field(
         default=None, description="HMAC key; when set, unsigned signals are rejected."
     )

@@ -143,7 +143,19 @@ class Tracker(Service):
         if self.on_batch is not None:
             self.on_batch(result)
         await self._commit(commit)
+        self._record_lag(commit)
         return result
+
+    def _record_lag(self, positions: dict[TopicPartition, int]) -> None:
+        """Consumer lag from the high-water marks the fetches already returned (no extra
+        request; on the development broker the high-water mark can be off after batches)."""
+        assert self._consumer is not None
+        for tp, position in positions.items():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(highwater - position, 0)
+                )
 
     async def _dead_letter(
         self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], reason: str

@@ -19,7 +19,14 @@ from sagas.clock import Clock, SystemClock
 from sagas.context import CommandSink
 from sagas.errors import LedgerError, PlanningError
 from sagas.executor import FailureSink, RollbackRun, RunResult
-from sagas.ledger import CompensationState, Ledger, RollbackRecord, TrackedEvent, TrackResult
+from sagas.ledger import (
+    CompensationState,
+    Ledger,
+    Outcome,
+    RollbackRecord,
+    TrackedEvent,
+    TrackResult,
+)
 from sagas.planner import Plan, plan_compensations
 from sagas.registry import SagaRegistry
 from schemas.signal import RollbackSignal
@@ -28,6 +35,19 @@ from schemas.status import RollbackState, RollbackStatus
 log = logging.getLogger(__name__)
 
 RESUMABLE = (RollbackState.RUNNING, RollbackState.ACCEPTED, RollbackState.PLANNING)
+
+
+class EngineObserver(Protocol):
+    """Told what happens, for metrics (the worker counts with Prometheus)."""
+
+    def compensation_outcome(self, state: str) -> None:
+        """One attempt ended in `state` (applied, pending = will retry, failed...)."""
+
+    def rollback_started(self, rollback_id: str) -> None:
+        """A run of a rollback began in this process."""
+
+    def rollback_ended(self, rollback_id: str, state: str, seconds: float | None) -> None:
+        """A run ended; `seconds` from signal to end when the rollback finished."""
 
 
 class StatusSink(Protocol):
@@ -74,7 +94,9 @@ class RollbackEngine:
         failures: FailureSink | None = None,
         clock: Clock | None = None,
         settings: EngineSettings | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
+        self.observer = observer
         self.ledger = ledger
         self.registry = registry
         self.commands = commands
@@ -100,6 +122,7 @@ class RollbackEngine:
         """
         now = self.clock.now()
         rollback_id = signal.signal_id
+        traceparent, tracestate = tracing.traceparent_of(tracing.current_headers())
         created = await self.ledger.create_rollback(
             rollback_id,
             signal=signal.model_dump(mode="json"),
@@ -108,6 +131,8 @@ class RollbackEngine:
             state=RollbackState.ACCEPTED,
             now=now,
             signal_partition=partition,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
         if not created:
             log.info("duplicate signal %s ignored", rollback_id)
@@ -252,17 +277,28 @@ class RollbackEngine:
             concurrency=self.settings.concurrency,
             failures=self.failures,
             on_progress=lambda: self._tick(rollback_id),
+            on_outcome=self._count_outcome,
             is_paused=lambda: self._is_paused(rollback_id),
             poll_interval=self.settings.poll_interval,
         )
         self._runs[rollback_id] = run
+        if self.observer is not None:
+            self.observer.rollback_started(rollback_id)
+        state = RollbackState.RUNNING.value
         try:
+            # The rollback's span is a child of the span that received its
+            # signal, also when a restarted worker resumes it.
             with tracing.tracer().start_as_current_span(
                 tracing.SPAN_ROLLBACK,
-                attributes={tracing.ROLLBACK_ID: rollback_id},
-            ):
+                context=tracing.context_from_traceparent(record.traceparent, record.tracestate),
+                attributes={
+                    tracing.ROLLBACK_ID: rollback_id,
+                    tracing.DEPLOYMENT_ID: record.deployment_id or "",
+                },
+            ) as span:
                 result = await run.run()
-            await self._conclude(rollback_id, record, result)
+                state = await self._conclude(rollback_id, record, result)
+                span.set_attribute(tracing.OUTCOME, state)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -271,11 +307,21 @@ class RollbackEngine:
             log.exception("rollback %s interrupted; it will resume", rollback_id)
         finally:
             self._runs.pop(rollback_id, None)
+            if self.observer is not None:
+                finished = await self.ledger.get_rollback(rollback_id)
+                seconds = None
+                if finished is not None and finished.finished_at is not None:
+                    seconds = (finished.finished_at - finished.created_at).total_seconds()
+                self.observer.rollback_ended(rollback_id, state, seconds)
 
-    async def _conclude(self, rollback_id: str, record: RollbackRecord, result: RunResult) -> None:
+    def _count_outcome(self, outcome: Outcome) -> None:
+        if self.observer is not None:
+            self.observer.compensation_outcome(outcome.state.value)
+
+    async def _conclude(self, rollback_id: str, record: RollbackRecord, result: RunResult) -> str:
         if result.paused:
             await self._publish(rollback_id)
-            return
+            return RollbackState.PAUSED.value
         if result.failed:
             await self._finish(
                 rollback_id,
@@ -283,11 +329,12 @@ class RollbackEngine:
                 f"{len(result.failed)} compensation(s) failed: {', '.join(result.failed[:5])}"
                 " — retry or skip them (backout retry/skip)",
             )
-            return
+            return RollbackState.FAILED.value
         latest = await self.ledger.require_rollback(rollback_id)
         warnings = bool(latest.manual or latest.uncovered)
         state = RollbackState.COMPLETED_WITH_WARNINGS if warnings else RollbackState.COMPLETED
         await self._finish(rollback_id, state, None)
+        return state.value
 
     async def _finish(self, rollback_id: str, state: RollbackState, error: str | None) -> None:
         await self.ledger.set_rollback_state(
@@ -369,8 +416,32 @@ class RollbackEngine:
         if result.confirmed_keys:
             for run in list(self._runs.values()):
                 run.confirmed(result.confirmed_keys)
+            await self._trace_confirmations(result)
         if result.new_events:
             await self._late_events(result.new_events)
+
+    async def _trace_confirmations(self, result: TrackResult) -> None:
+        """One `backout confirm` span per confirmation: a child of the confirming
+        event's own context, linked to the compensation attempt it confirms."""
+        keys = set(result.confirmed_keys)
+        attempts = await self.ledger.compensation_traceparents(keys)
+        for event in result.new_events:
+            if event.causation_id not in keys:
+                continue
+            key = str(event.causation_id)
+            span = tracing.tracer().start_span(
+                tracing.SPAN_CONFIRM,
+                context=tracing.context_from_traceparent(event.traceparent, event.tracestate),
+                links=tracing.link_to(attempts.get(key)),
+                attributes={
+                    tracing.IDEMPOTENCY_KEY: key,
+                    tracing.EVENT_ID: event.event_id,
+                    tracing.EVENT_TYPE: event.event_type,
+                    tracing.MESSAGING_SYSTEM: "kafka",
+                    tracing.MESSAGING_DESTINATION: event.topic or "",
+                },
+            )
+            span.end()
 
     async def _late_events(self, events: list[TrackedEvent]) -> None:
         now = self.clock.now()
@@ -519,4 +590,11 @@ class RollbackEngine:
         await self.status.publish(status)
 
 
-__all__ = ["BlastRadius", "CompensationState", "EngineSettings", "RollbackEngine", "StatusSink"]
+__all__ = [
+    "BlastRadius",
+    "CompensationState",
+    "EngineObserver",
+    "EngineSettings",
+    "RollbackEngine",
+    "StatusSink",
+]

@@ -10,6 +10,7 @@ and is re-run with the same idempotency key when the rollback resumes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import random
@@ -94,6 +95,7 @@ class RollbackRun:
         concurrency: int = 64,
         failures: FailureSink | None = None,
         on_progress: Callable[[], Any] | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
         is_paused: Callable[[], Any] | None = None,
         poll_interval: float = 0.5,
         rng: random.Random | None = None,
@@ -107,6 +109,7 @@ class RollbackRun:
         self.concurrency = max(1, concurrency)
         self.failures = failures
         self.on_progress = on_progress
+        self.on_outcome = on_outcome
         self.is_paused = is_paused
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
@@ -386,6 +389,9 @@ class RollbackRun:
             self._running_here.discard(self._inflight.pop(task))
             outcomes.append(task.result())
         await self.ledger.record_outcomes(outcomes, now=self.clock.now())
+        if self.on_outcome is not None:
+            for outcome in outcomes:
+                self.on_outcome(outcome)
         for outcome in outcomes:
             item = self._items[outcome.idempotency_key]
             if item.state == S.RUNNING:  # not overtaken by a confirmation
@@ -443,7 +449,7 @@ class RollbackRun:
         ) as span:
             outcome = await self._call(item, event, attempt)
             _record_outcome(span, outcome)
-            return outcome
+            return dataclasses.replace(outcome, traceparent=tracing.traceparent_of_span(span))
 
     async def _call(self, item: _Item, event: TrackedEvent, attempt: int) -> Outcome:
         step = item.step

@@ -102,3 +102,11 @@ def traceparent_of(headers: Iterable[tuple[str, bytes]] | None) -> tuple[str | N
         if lowered in ("traceparent", "tracestate") and value is not None and lowered not in found:
             found[lowered] = value.decode("latin-1")[:512]
     return found.get("traceparent"), found.get("tracestate")
+
+
+def traceparent_of_span(span: trace.Span) -> str | None:
+    """The W3C `traceparent` naming `span`, or None for a non-recording span."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"

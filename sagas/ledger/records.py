@@ -111,6 +111,8 @@ class RollbackRecord:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,7 @@ class Outcome:
     error: str | None = None
     next_attempt_at: datetime | None = None
     confirm_deadline: datetime | None = None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,8 @@ def rollback_from_row(row: Row[Any]) -> RollbackRecord:
         uncovered=list(m["uncovered"] or []),
         signal_partition=m["signal_partition"],
         quarantine_until=as_utc(m["quarantine_until"]),
+        traceparent=m["traceparent"],
+        tracestate=m["tracestate"],
         created_at=as_utc(m["created_at"]),  # type: ignore[arg-type]
         updated_at=as_utc(m["updated_at"]),  # type: ignore[arg-type]
         finished_at=as_utc(m["finished_at"]),
@@ -88,6 +90,8 @@ class RollbackStore:
         now: datetime,
         signal_partition: int | None = None,
         error: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> bool:
         """Record a new rollback; False when the id exists (a duplicate signal)."""
         async with self.engine.begin() as conn:
@@ -106,6 +110,8 @@ class RollbackStore:
                         "manual": [],
                         "uncovered": [],
                         "signal_partition": signal_partition,
+                        "traceparent": traceparent,
+                        "tracestate": tracestate,
                         "created_at": now,
                         "updated_at": now,
                         "finished_at": now if error else None,
@@ -358,6 +364,21 @@ class RollbackStore:
                 found.extend(compensation_from_row(r) for r in result.all())
         return found
 
+    async def compensation_traceparents(self, keys: Iterable[str]) -> dict[str, str]:
+        """The span context of each key's last attempt (for linking confirmations)."""
+        ordered = sorted(set(keys))
+        found: dict[str, str] = {}
+        async with self.engine.connect() as conn:
+            for part in chunks(ordered):
+                result = await conn.execute(
+                    select(t.compensations.c.idempotency_key, t.compensations.c.traceparent).where(
+                        t.compensations.c.idempotency_key.in_(part),
+                        t.compensations.c.traceparent.is_not(None),
+                    )
+                )
+                found.update(dict(result.all()))
+        return found
+
     async def get_compensation(self, key: str) -> CompensationRecord | None:
         """One compensation (without plan position), or None."""
         async with self.engine.connect() as conn:
@@ -423,6 +444,7 @@ class RollbackStore:
                 "next_at": o.next_attempt_at,
                 "deadline": o.confirm_deadline,
                 "applied": now if o.state in (S.APPLIED, S.CONFIRMED) else None,
+                "tp": o.traceparent,
             }
             for o in outcomes
         ]
@@ -437,6 +459,7 @@ class RollbackStore:
                 last_error=bindparam("err"),
                 next_attempt_at=bindparam("next_at"),
                 confirm_deadline=bindparam("deadline"),
+                traceparent=bindparam("tp"),
                 applied_at=func.coalesce(
                     bindparam("applied", type_=t.compensations.c.applied_at.type),
                     t.compensations.c.applied_at,

@@ -104,6 +104,10 @@ rollbacks = Table(
     # owns that partition owns the rollback (resumes it after a crash).
     Column("signal_partition", Integer),
     Column("quarantine_until", Time),
+    # W3C context of the span that received the signal: a resumed rollback's
+    # span stays in the same trace.
+    Column("traceparent", String(64)),
+    Column("tracestate", String(512)),
     Column("created_at", Time, nullable=False),
     Column("updated_at", Time, nullable=False),
     Column("finished_at", Time),
@@ -135,6 +139,8 @@ compensations = Table(
     # The rollback whose run claimed it last: on resume, a rollback re-runs
     # only its own interrupted claims (same key, at-least-once).
     Column("claimed_by", ID),
+    # Span context of the last attempt, for linking the confirmation span.
+    Column("traceparent", String(64)),
     Column("created_at", Time, nullable=False),
     Column("updated_at", Time, nullable=False),
     Index(None, "event_id"),

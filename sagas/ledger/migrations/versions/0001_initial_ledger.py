@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 09:23:34.959467
+Create Date: 2026-11-26 09:36:30.561117
 """
 
 import sqlalchemy as sa
@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("confirmed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("skip_reason", sa.Text(), nullable=True),
         sa.Column("claimed_by", sa.String(length=255), nullable=True),
+        sa.Column("traceparent", sa.String(length=64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("idempotency_key", name=op.f("pk_compensations")),
@@ -126,6 +127,8 @@ def upgrade() -> None:
         sa.Column("uncovered", sa.JSON(), nullable=False),
         sa.Column("signal_partition", sa.Integer(), nullable=True),
         sa.Column("quarantine_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("traceparent", sa.String(length=64), nullable=True),
+        sa.Column("tracestate", sa.String(length=512), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
