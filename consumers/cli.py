@@ -136,6 +136,147 @@ def status(
     raise typer.Exit(status_command(rollback_id, output))
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  backout plan --deployment orders-1.1-b2\n\n"
+        "  backout plan --service orders --version 1.1 --format markdown > runbook.md"
+    ),
+)
+def plan(
+    deployment: Annotated[
+        str | None, typer.Option("--deployment", help="Deployment id to plan for.")
+    ] = None,
+    service: Annotated[str | None, typer.Option(help="Service name (with --version).")] = None,
+    version: Annotated[str | None, typer.Option(help="Service version (with --service).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only events at or after (RFC 3339).")] = None,
+    until: Annotated[str | None, typer.Option(help="Only events at or before (RFC 3339).")] = None,
+    cascade: Annotated[
+        bool, typer.Option("--cascade/--no-cascade", help="Include what the events caused.")
+    ] = True,
+    output: Annotated[
+        str, typer.Option("--format", help="table, json or markdown (an operator runbook).")
+    ] = "table",
+) -> None:
+    """Dry run from the ledger: what a rollback would undo, in order; sends nothing.
+
+    Needs BACKOUT_DATABASE_URL (the worker's ledger) and BACKOUT_SAGAS.
+    """
+    from consumers.commands import plan_command
+
+    raise typer.Exit(
+        plan_command(
+            deployment=deployment,
+            service=service,
+            version=version,
+            since=since,
+            until=until,
+            cascade=cascade,
+            output=output,
+        )
+    )
+
+
+@app.command(epilog="Example:\n\n  backout deployments --format json")
+def deployments(
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Tracked deployments with their event counts by type and version."""
+    from consumers.commands import deployments_command
+
+    raise typer.Exit(deployments_command(output))
+
+
+@app.command(epilog="Example:\n\n  backout retry 5f0c2a8e-6b1d-5d7e-9a53-0c1f2e3d4b5a")
+def retry(
+    key: Annotated[str, typer.Argument(help="Idempotency key of a failed compensation.")],
+) -> None:
+    """Give a failed (or blocked) compensation a fresh attempt budget; its rollback resumes."""
+    from consumers.commands import retry_command
+
+    raise typer.Exit(retry_command(key))
+
+
+@app.command(
+    epilog="Example:\n\n  backout skip 5f0c2a8e-... --reason 'refunded by hand, ticket OPS-42'"
+)
+def skip(
+    key: Annotated[str, typer.Argument(help="Idempotency key of the compensation.")],
+    reason: Annotated[str, typer.Option(help="Why it is skipped (kept in the ledger).")],
+) -> None:
+    """Give up on a compensation on purpose; what waits on it goes on."""
+    from consumers.commands import skip_command
+
+    raise typer.Exit(skip_command(key, reason))
+
+
+@app.command(epilog="Example:\n\n  backout pause 3f2c9a0e-...")
+def pause(rollback_id: Annotated[str, typer.Argument(help="The rollback id.")]) -> None:
+    """Pause a running rollback: nothing new starts; in-flight compensations finish."""
+    from consumers.commands import pause_command
+
+    raise typer.Exit(pause_command(rollback_id))
+
+
+@app.command(epilog="Example:\n\n  backout resume 3f2c9a0e-...")
+def resume(rollback_id: Annotated[str, typer.Argument(help="The rollback id.")]) -> None:
+    """Resume a paused (or failed, after retry/skip) rollback."""
+    from consumers.commands import resume_command
+
+    raise typer.Exit(resume_command(rollback_id))
+
+
+dlq_app = typer.Typer(help="Dead letters: list them, replay them to their source topic.")
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command(
+    "list",
+    epilog="Example:\n\n  backout dlq list --source-topic orders.events --format json",
+)
+def dlq_list(
+    source_topic: Annotated[str | None, typer.Option(help="Only from this topic.")] = None,
+    match: Annotated[str | None, typer.Option(help="Only errors containing this text.")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """List dead letters with their reason and where they came from."""
+    from consumers.commands import dlq_list_command
+
+    raise typer.Exit(dlq_list_command(source_topic, match, output))
+
+
+@dlq_app.command(
+    "replay",
+    epilog="Example:\n\n  backout dlq replay --match 'no saga declares OrderRefunded'",
+)
+def dlq_replay(
+    source_topic: Annotated[str | None, typer.Option(help="Only from this topic.")] = None,
+    match: Annotated[str | None, typer.Option(help="Only errors containing this text.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, do not send.")] = False,
+) -> None:
+    """Send dead letters' original records back to their source topic."""
+    from consumers.commands import dlq_replay_command
+
+    raise typer.Exit(dlq_replay_command(source_topic, match, dry_run))
+
+
+schemas_app = typer.Typer(help="The wire contract as JSON Schema.")
+app.add_typer(schemas_app, name="schemas")
+
+
+@schemas_app.command("export", epilog="Example:\n\n  backout schemas export docs/schemas")
+def schemas_export(
+    directory: Annotated[str, typer.Argument(help="Folder to write *.schema.json into.")],
+) -> None:
+    """Write the JSON Schemas of the envelope, the signal and the status."""
+    from pathlib import Path
+
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(Path(directory)):
+        typer.echo(str(path))
+
+
 def main() -> None:
     """Entry point of the ``backout`` console script.
 

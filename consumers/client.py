@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from opentelemetry.trace import SpanKind
 
 from consumers.settings import Settings
@@ -36,8 +36,8 @@ async def publish_signal(settings: Settings, signal: RollbackSignal) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers, acks="all", request_timeout_ms=15_000
     )
-    await producer.start()
     try:
+        await producer.start()
         with tracing.tracer().start_as_current_span(
             tracing.span_send(settings.signals_topic),
             kind=SpanKind.PRODUCER,
@@ -55,7 +55,8 @@ async def publish_signal(settings: Settings, signal: RollbackSignal) -> None:
         await producer.stop()
 
 
-async def _status_consumer(settings: Settings) -> AIOKafkaConsumer:
+async def _topic_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:
+    """A group-less consumer of every partition of `topic`, from the beginning."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=None,
@@ -64,12 +65,16 @@ async def _status_consumer(settings: Settings) -> AIOKafkaConsumer:
         fetch_max_wait_ms=100,
     )
     await consumer.start()
-    partitions = consumer.partitions_for_topic(settings.status_topic)
-    if not partitions:
-        await consumer._client.force_metadata_update()
-        partitions = consumer.partitions_for_topic(settings.status_topic) or set()
-    consumer.assign([TopicPartition(settings.status_topic, p) for p in sorted(partitions)])
-    await consumer.seek_to_beginning()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        await consumer.seek_to_beginning()
+    except BaseException:
+        await consumer.stop()
+        raise
     return consumer
 
 
@@ -82,30 +87,47 @@ def _parse(value: bytes | None) -> RollbackStatus | None:
         return None
 
 
-async def read_statuses(
-    settings: Settings, *, idle_seconds: float = 1.5
-) -> dict[str, RollbackStatus]:
-    """The latest status of every rollback on the status topic.
+async def read_topic(
+    settings: Settings, topic: str, *, idle_seconds: float = 1.0, max_seconds: float = 15.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic` up to about now.
 
-    Reads until the topic has been quiet for `idle_seconds`: the development
-    broker's end offsets cannot be trusted (BROKER.md).
+    The development broker's end offsets cannot be trusted (BROKER.md), so
+    reading stops once the topic has been quiet for `idle_seconds`, or has
+    reached records written after the read began (a live worker keeps
+    writing), or after `max_seconds`.
     """
-    consumer = await _status_consumer(settings)
-    latest: dict[str, RollbackStatus] = {}
+    consumer = await _topic_consumer(settings, topic)
+    found: list[ConsumerRecord[bytes, bytes]] = []
+    started_ms = time.time() * 1000
+    started = time.monotonic()
     try:
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < idle_seconds:
+            if time.monotonic() - started > max_seconds:
+                break
             batch = await consumer.getmany(timeout_ms=200)
             if not batch:
                 continue
             quiet_since = time.monotonic()
             for records in batch.values():
-                for record in records:
-                    status = _parse(record.value)
-                    if status is not None:
-                        latest[status.rollback_id] = status
+                found.extend(records)
+            if any(r.timestamp >= started_ms for records in batch.values() for r in records):
+                # Whatever else is in flight was written after we began.
+                idle_seconds = min(idle_seconds, 0.3)
     finally:
         await consumer.stop()
+    return found
+
+
+async def read_statuses(settings: Settings) -> dict[str, RollbackStatus]:
+    """The latest status of every rollback on the status topic."""
+    latest: dict[str, RollbackStatus] = {}
+    records = await read_topic(settings, settings.status_topic)
+    for record in sorted(records, key=lambda r: (r.timestamp, r.partition, r.offset)):
+        status = _parse(record.value)
+        if status is not None:
+            latest[status.rollback_id] = status
     return latest
 
 
@@ -122,7 +144,7 @@ async def follow_status(
         The final status, or None when `timeout` passed first (the last
         status seen is passed to `on_status` as it arrives).
     """
-    consumer = await _status_consumer(settings)
+    consumer = await _topic_consumer(settings, settings.status_topic)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

@@ -182,3 +182,168 @@ def _print_status_table(statuses: list[RollbackStatus]) -> None:
     for s in statuses:
         if s.error:
             console.print(f"[bold]{s.rollback_id}[/]: {s.error}", soft_wrap=True)
+
+
+def plan_command(
+    *,
+    deployment: str | None,
+    service: str | None,
+    version: str | None,
+    since: str | None,
+    until: str | None,
+    cascade: bool,
+    output: str,
+) -> int:
+    """Print a dry-run plan computed from the ledger."""
+    from consumers.operations import plan_signal
+    from consumers.plan_report import plan_as_json, plan_as_markdown, print_plan_table
+
+    if output not in ("table", "json", "markdown"):
+        raise CommandError("--format must be table, json or markdown")
+    signal = build_signal(
+        signal_id=f"plan-{uuid.uuid4()}",
+        deployment_id=deployment,
+        service=service,
+        service_version=version,
+        since=_time(since, "--since"),
+        until=_time(until, "--until"),
+        cascade=cascade,
+        dry_run=True,
+        issued_at=utc_now(),
+    )
+    report = asyncio.run(plan_signal(Settings(), signal))
+    if output == "json":
+        print(plan_as_json(report))
+    elif output == "markdown":
+        print(plan_as_markdown(report))
+    else:
+        print_plan_table(report, console)
+    return EXIT_OK
+
+
+def deployments_command(output: str) -> int:
+    """Print tracked deployments."""
+    from dataclasses import asdict
+
+    from consumers.operations import deployments
+
+    if output not in ("table", "json"):
+        raise CommandError("--format must be table or json")
+    found = asyncio.run(deployments(Settings()))
+    if output == "json":
+        print(json.dumps([asdict(d) for d in found], default=str, indent=2))
+        return EXIT_OK
+    table = Table(title="Deployments")
+    for column in (
+        "deployment",
+        "service",
+        "version",
+        "events",
+        "first event",
+        "last event",
+        "by type",
+    ):
+        table.add_column(column, overflow="fold")
+    for d in found:
+        table.add_row(
+            d.deployment_id,
+            d.service,
+            d.service_version,
+            str(d.events),
+            d.first_event_at.isoformat(),
+            d.last_event_at.isoformat(),
+            ", ".join(f"{name}: {count}" for name, count in d.by_type.items()),
+        )
+    console.print(table)
+    return EXIT_OK
+
+
+def retry_command(key: str) -> int:
+    """Retry a failed compensation."""
+    from consumers.operations import retry
+
+    reopened = asyncio.run(retry(Settings(), key))
+    console.print(f"compensation {key} will run again; rollbacks resumed: {reopened or 'none'}")
+    return EXIT_OK
+
+
+def skip_command(key: str, reason: str) -> int:
+    """Skip a compensation."""
+    from consumers.operations import skip
+
+    reopened = asyncio.run(skip(Settings(), key, reason))
+    console.print(f"compensation {key} skipped; rollbacks resumed: {reopened or 'none'}")
+    return EXIT_OK
+
+
+def pause_command(rollback_id: str) -> int:
+    """Pause a rollback."""
+    from consumers.operations import pause
+
+    asyncio.run(pause(Settings(), rollback_id))
+    console.print(f"rollback {rollback_id} paused")
+    return EXIT_OK
+
+
+def resume_command(rollback_id: str) -> int:
+    """Resume a rollback."""
+    from consumers.operations import resume
+
+    asyncio.run(resume(Settings(), rollback_id))
+    console.print(f"rollback {rollback_id} resumed")
+    return EXIT_OK
+
+
+def dlq_list_command(source_topic: str | None, match: str | None, output: str) -> int:
+    """List dead letters."""
+    from consumers.dlq import list_dead_letters
+
+    if output not in ("table", "json"):
+        raise CommandError("--format must be table or json")
+    letters = asyncio.run(list_dead_letters(Settings(), source_topic=source_topic, match=match))
+    if output == "json":
+        print(
+            json.dumps(
+                [
+                    {
+                        "dlq_partition": d.partition,
+                        "dlq_offset": d.offset,
+                        **d.letter.model_dump(),
+                        "key": d.key.decode("utf-8", "replace") if d.key else None,
+                        "value_preview": (d.value or b"")[:200].decode("utf-8", "replace"),
+                    }
+                    for d in letters
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    table = Table(title=f"Dead letters ({len(letters)})")
+    for column in ("source", "error", "value"):
+        table.add_column(column, overflow="fold")
+    for d in letters:
+        table.add_row(
+            f"{d.letter.source_topic}[{d.letter.source_partition}]@{d.letter.source_offset}",
+            d.letter.error,
+            (d.value or b"")[:80].decode("utf-8", "replace"),
+        )
+    console.print(table)
+    return EXIT_OK
+
+
+def dlq_replay_command(source_topic: str | None, match: str | None, dry_run: bool) -> int:
+    """Replay dead letters to their source topics."""
+    from consumers.dlq import list_dead_letters, replay
+
+    settings = Settings()
+    letters = asyncio.run(list_dead_letters(settings, source_topic=source_topic, match=match))
+    if dry_run:
+        for d in letters:
+            console.print(
+                f"would replay {d.letter.source_topic}@{d.letter.source_offset}: {d.letter.error}"
+            )
+        console.print(f"{len(letters)} dead letter(s) would be replayed")
+        return EXIT_OK
+    sent = asyncio.run(replay(settings, letters))
+    console.print(f"replayed {sent} dead letter(s)")
+    return EXIT_OK

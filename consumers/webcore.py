@@ -58,7 +58,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda v: json.dumps(v, default=_default))
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     """`{"error": message}` with `status`."""
     response = json_response({"error": message}, status=status)
     response.headers.update(headers or {})
@@ -140,7 +142,9 @@ def require_write_access(request: web.Request) -> None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     challenge = {"WWW-Authenticate": 'Bearer realm="backout"'}
     if scheme.lower() != "bearer" or not given.strip():
-        raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'", headers=challenge)
+        raise ApiError(
+            401, "missing bearer token: send 'Authorization: Bearer <token>'", headers=challenge
+        )
     if not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise ApiError(401, "wrong bearer token", headers=challenge)
 

@@ -336,42 +336,45 @@ class CommandCollector:
         """Answer held and future commands again."""
         self._gate.set()
 
-    def of(self, rollback_id: str) -> list[Record]:
-        """Commands of one rollback, in the order they were read."""
-        return [r for r in self.records if r.rollback_id == rollback_id]
+    def of(self, rollback_id: str | None = None) -> list[Record]:
+        """Commands (of one rollback, when given), in the order they were read."""
+        return [r for r in self.records if rollback_id is None or r.rollback_id == rollback_id]
 
-    def keys_of(self, rollback_id: str) -> set[str]:
-        """Distinct idempotency keys of one rollback's commands."""
-        return {r.idempotency_key for r in self.of(rollback_id) if r.idempotency_key}
+    def by_key(self, rollback_id: str | None = None) -> dict[str, list[Record]]:
+        """Commands grouped by idempotency key."""
+        grouped: dict[str, list[Record]] = {}
+        for record in self.of(rollback_id):
+            grouped.setdefault(record.idempotency_key or "", []).append(record)
+        return grouped
 
     async def wait_for_keys(
-        self, rollback_id: str, keys: Iterable[str], *, timeout: float = 20.0
-    ) -> list[Record]:
-        """Wait until a command for each of `keys` (of `rollback_id`) was read."""
+        self, keys: Iterable[str], *, rollback_id: str | None = None, timeout: float = 20.0
+    ) -> dict[str, list[Record]]:
+        """Wait until a command for each of `keys` was read; returns `by_key`."""
         wanted = set(keys)
         deadline = time.monotonic() + timeout
-        while not wanted <= self.keys_of(rollback_id):
+        while not wanted <= set(self.by_key(rollback_id)):
             self._raise_if_failed()
             if time.monotonic() > deadline:
-                missing = sorted(wanted - self.keys_of(rollback_id))
+                missing = sorted(wanted - set(self.by_key(rollback_id)))
                 raise AssertionError(
-                    f"no command for {len(missing)} of {len(wanted)} keys of rollback "
-                    f"{rollback_id} within {timeout:g}s: {missing}"
+                    f"no command for {len(missing)} of {len(wanted)} keys within {timeout:g}s "
+                    f"(rollback {rollback_id or 'any'}): {missing}"
                 )
             await asyncio.sleep(0.02)
-        return self.of(rollback_id)
+        return self.by_key(rollback_id)
 
     async def wait_for_count(
-        self, rollback_id: str, count: int, *, timeout: float = 20.0
+        self, count: int, *, rollback_id: str | None = None, timeout: float = 20.0
     ) -> list[Record]:
-        """Wait until at least `count` commands of `rollback_id` were read."""
+        """Wait until at least `count` commands (of `rollback_id`) were read."""
         deadline = time.monotonic() + timeout
         while len(self.of(rollback_id)) < count:
             self._raise_if_failed()
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{len(self.of(rollback_id))} of {count} commands of rollback "
-                    f"{rollback_id} within {timeout:g}s"
+                    f"{len(self.of(rollback_id))} of {count} commands "
+                    f"(rollback {rollback_id or 'any'}) within {timeout:g}s"
                 )
             await asyncio.sleep(0.02)
         return self.of(rollback_id)
