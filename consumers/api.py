@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from consumers import metrics as _metrics  # noqa: F401  (defines the series /metrics serves)
 from consumers import page, webhooks
 from consumers.settings import Settings
 from consumers.webcore import (

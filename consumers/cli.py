@@ -277,6 +277,31 @@ def schemas_export(
         typer.echo(str(path))
 
 
+@app.command(
+    epilog="Examples:\n\n  backout demo\n\n  backout demo --orders 50 --keep",
+)
+def demo(
+    orders: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Checkouts through each orders version.")
+    ] = 200,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave everything running after the summary.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds each wait (worker, tracking, rollback) may take.")
+    ] = 120.0,
+) -> None:
+    """Roll back a bad release of a demo shop, end to end, on this machine.
+
+    Starts an embedded broker, a worker (SQLite in a temporary folder) and the
+    shop; sends checkouts through orders 1.0, then the bad 1.1; an alert rolls
+    1.1 back. Exit 0 when the shop is consistent again, 1 otherwise.
+    """
+    from consumers.demo import DemoOptions, run_demo
+
+    raise typer.Exit(run_demo(DemoOptions(orders=orders, keep=keep, timeout=timeout)))
+
+
 def main() -> None:
     """Entry point of the ``backout`` console script.
 

@@ -66,6 +66,8 @@ class EngineSettings:
     quarantine_seconds: float = 3600.0
     poll_interval: float = 0.5
     progress_interval: float = 1.0
+    # Real seconds `stop()` gives a run to reach a safe point before cancelling it.
+    stop_grace: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,7 @@ class RollbackEngine:
         self._runs: dict[str, RollbackRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._last_tick: dict[str, datetime] = {}
+        self._stopping: set[str] = set()
         self._last_published: dict[str, dict[str, Any]] = {}
         self._last_sent_at: dict[str, datetime] = {}
 
@@ -282,6 +285,8 @@ class RollbackEngine:
             poll_interval=self.settings.poll_interval,
         )
         self._runs[rollback_id] = run
+        if rollback_id in self._stopping:  # stop() came while the record was read
+            run.stop()
         if self.observer is not None:
             self.observer.rollback_started(rollback_id)
         state = RollbackState.RUNNING.value
@@ -319,6 +324,8 @@ class RollbackEngine:
             self.observer.compensation_outcome(outcome.state.value)
 
     async def _conclude(self, rollback_id: str, record: RollbackRecord, result: RunResult) -> str:
+        if result.stopped:
+            return RollbackState.RUNNING.value  # left for the run that resumes it
         if result.paused:
             await self._publish(rollback_id)
             return RollbackState.PAUSED.value
@@ -391,12 +398,27 @@ class RollbackEngine:
         await self._plan_and_start(signal)
 
     async def stop(self, rollback_ids: Iterable[str] | None = None) -> None:
-        """Cancel runs (all, or some); their state stays in the ledger for resuming."""
+        """Stop runs (all, or some); their state stays in the ledger for resuming.
+
+        Each run ends at its next safe point (see `RollbackRun.stop`); one
+        that does not get there within `EngineSettings.stop_grace` is cancelled.
+        """
         targets = list(self._tasks) if rollback_ids is None else list(rollback_ids)
-        tasks = [self._tasks.pop(r) for r in targets if r in self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks = {r: self._tasks.pop(r) for r in targets if r in self._tasks}
+        if not tasks:
+            return
+        self._stopping |= tasks.keys()
+        try:
+            for rollback_id in tasks:
+                run = self._runs.get(rollback_id)
+                if run is not None:
+                    run.stop()
+            _, stuck = await asyncio.wait(tasks.values(), timeout=self.settings.stop_grace)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        finally:
+            self._stopping -= tasks.keys()
 
     def running(self) -> list[str]:
         """Ids of rollbacks with a run in this process."""

@@ -66,6 +66,7 @@ class RunResult:
     finished: bool  # every compensation done (applied/confirmed/skipped)
     failed: list[str]  # keys failed (the rollback waits for an operator)
     paused: bool
+    stopped: bool = False  # told to stop (shutdown, rebalance): another run resumes it
 
 
 class RollbackRun:
@@ -125,9 +126,22 @@ class RollbackRun:
         self._next_position = 0
         # Blocking is re-derived only after a failure appears or goes away.
         self._blocking_changed = True
+        self._stopping = False
 
     def wake(self) -> None:
         """Re-check the ledger now (new confirmations, late items, operator action)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End the run at its next safe point, between two ledger transactions.
+
+        Cancelling the run's task instead could cut a ledger transaction in
+        half, and on SQLite a write cancelled mid-statement keeps the database
+        locked for every other connection. Handlers still in flight are
+        cancelled (they touch no ledger); their claims stay `running` and are
+        re-run, with the same key, when the rollback resumes.
+        """
+        self._stopping = True
         self._wake.set()
 
     def confirmed(self, keys: list[str]) -> None:
@@ -246,9 +260,11 @@ class RollbackRun:
     async def _loop(self) -> RunResult:
         last_poll = self.clock.now()
         while True:
+            if self._stopping:
+                return RunResult(finished=False, failed=[], paused=False, stopped=True)
             if self.is_paused is not None and await self.is_paused():
                 await self._drain()
-                return RunResult(finished=False, failed=[], paused=True)
+                return RunResult(finished=False, failed=[], paused=True, stopped=self._stopping)
             now = self.clock.now()
             await self._expire_confirmations(now)
             await self._block_and_unblock(now)
@@ -275,8 +291,13 @@ class RollbackRun:
         Cancelling them instead would leave their claims `running`, and
         resuming would run handlers again that had already done their work.
         """
-        while self._inflight:
-            await asyncio.wait(set(self._inflight))
+        while self._inflight and not self._stopping:
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({*self._inflight, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+            self._wake.clear()
             await self._collect()
 
     def _nothing_left_to_wait_for(self) -> bool:

@@ -183,7 +183,12 @@ class SagaTestHarness:
         )
 
     async def crash_and_restart(self) -> RollbackEngine:
-        """Cancel every run (as a SIGKILL would) and resume from the ledger."""
+        """Kill every run and resume from the ledger, as a restarted worker would.
+
+        Runs stop between two ledger transactions (a killed process loses
+        none half-way either: the database rolls it back); handlers in flight
+        are cancelled, so their outcome is lost and they run again, same key.
+        """
         await self.engine.stop()
         self._engine = self.new_engine()
         await self._engine.resume()

@@ -100,6 +100,22 @@ class Stack:
             rollback_ids=rollback_ids,
         )
 
+    async def rollback(
+        self, deployment: str, *args: str, signal_id: str | None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`backout rollback --deployment <deployment> [--signal-id ID] <args>`."""
+        chosen = ["--signal-id", signal_id] if signal_id else []
+        return await self.cli(
+            "rollback",
+            "--deployment",
+            deployment,
+            *chosen,
+            *args,
+            "--timeout",
+            str(timeout),
+            timeout=timeout + 15,
+        )
+
     async def cli(
         self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
@@ -107,8 +123,13 @@ class Stack:
         return await run_cli(*args, env={**self.env, **(env or {})}, timeout=timeout)
 
 
-def _stack_env(bootstrap: str, tag: str, database_url: str, extra: dict[str, str]) -> dict[str, str]:
+def _stack_env(
+    bootstrap: str, tag: str, database_url: str, log_dir: Path, extra: dict[str, str]
+) -> dict[str, str]:
     return {
+        # Real spans (to a JSON-lines file), so commands carry trace context.
+        "OTEL_TRACES_EXPORTER": "console",
+        "BACKOUT_TRACE_FILE": str(log_dir / f"{tag}.traces.jsonl"),
         "BACKOUT_BROKER": f"kafka://{bootstrap}",
         "BACKOUT_DATABASE_URL": database_url,
         "BACKOUT_SAGAS": "tests.support.e2e_saga",
@@ -128,7 +149,7 @@ def _new_stack(
     bootstrap: str, database_url: str, log_dir: Path, extra: dict[str, str] | None = None
 ) -> Stack:
     tag = unique_name("e2e")
-    env = _stack_env(bootstrap, tag, database_url, extra or {})
+    env = _stack_env(bootstrap, tag, database_url, log_dir, extra or {})
     # Tracked topics exist before the worker subscribes, command topics before
     # anyone reads them: nothing depends on auto-creation timing.
     _run(

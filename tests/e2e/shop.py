@@ -27,6 +27,7 @@ class ExpectedCommand:
     """A command a rollback must send: where, what, and for which event."""
 
     key: str
+    step: str
     service: str
     value: dict[str, Any]
     event_id: str
@@ -58,6 +59,7 @@ def checkout(
     stock: str,
     version: int = 2,
     chain: bool = False,
+    charge: bool = True,
     reserve: bool = True,
     emailed: bool = False,
     viewed: bool = False,
@@ -72,6 +74,7 @@ def checkout(
         version: `ItemOrdered` schema version (1 is upcast to 2 by the saga).
         chain: the reservation is caused by the charge (orders → payments →
             stock) instead of by the order.
+        charge: emit a charge at all (without one, `chain` and `reserve` are ignored).
         reserve: emit a reservation at all.
         emailed: add an irreversible `Emailed` (a manual action in a rollback).
         viewed: add an ignored `Viewed`.
@@ -103,6 +106,7 @@ def checkout(
         key = idempotency_key(document["event_id"], step)
         result.commands[key] = ExpectedCommand(
             key=key,
+            step=step,
             service=service,
             value={"command": command, "order_id": order_id},
             event_id=document["event_id"],
@@ -112,19 +116,33 @@ def checkout(
     payload = {"order": order_id} if version == 1 else {"order_id": order_id, "quantity": 2}
     order = emit("orders", orders, "ItemOrdered", payload, schema_version=version)
     expect(order, STEP_CANCEL, "orders", "Cancel", True)
-    charged = emit("payments", payments, "Charged", {"order_id": order_id},
-                   causation_id=order["event_id"])
-    expect(charged, STEP_REFUND, "payments", "Refund", True)
+    if not charge:
+        reserve = False
+    else:
+        charged = emit(
+            "payments", payments, "Charged", {"order_id": order_id}, causation_id=order["event_id"]
+        )
+        expect(charged, STEP_REFUND, "payments", "Refund", True)
     if reserve:
         reservation: dict[str, Any] = {"order_id": order_id}
         if release_delay is not None:
             reservation["release_delay"] = release_delay
-        reserved = emit("stock", stock, "Reserved", reservation,
-                        causation_id=(charged if chain else order)["event_id"])
+        reserved = emit(
+            "stock",
+            stock,
+            "Reserved",
+            reservation,
+            causation_id=(charged if chain else order)["event_id"],
+        )
         expect(reserved, STEP_RELEASE, "stock", "Release", False)
     if emailed:
-        mail = emit("orders", orders, "Emailed", {"to": f"{order_id}@example.com"},
-                    causation_id=order["event_id"])
+        mail = emit(
+            "orders",
+            orders,
+            "Emailed",
+            {"to": f"{order_id}@example.com"},
+            causation_id=order["event_id"],
+        )
         result.manual.append(mail["event_id"])
     if viewed:
         view = emit("orders", orders, "Viewed", {"page": order_id})

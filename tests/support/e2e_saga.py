@@ -48,15 +48,25 @@ def item_ordered_v1_to_v2(payload: dict[str, object]) -> dict[str, object]:
 
 @flow.compensate(ItemOrdered, confirm="ItemCancelled", confirm_timeout=30)
 async def cancel_item(event: ItemOrdered, ctx: CompensationContext) -> None:
-    await ctx.send(command_topic("orders"), {"command": "Cancel", "order_id": event.order_id},
-                   key=event.order_id)
+    await ctx.send(
+        command_topic("orders"),
+        {"command": "Cancel", "order_id": event.order_id},
+        key=event.order_id,
+    )
 
 
-@flow.compensate("Charged", confirm="Refunded", confirm_timeout=30,
-                 retry=RetryPolicy(max_attempts=3, initial_delay=0.1))
+@flow.compensate(
+    "Charged",
+    confirm="Refunded",
+    confirm_timeout=30,
+    retry=RetryPolicy(max_attempts=3, initial_delay=0.1),
+)
 async def refund(event: dict[str, object], ctx: CompensationContext) -> None:
-    await ctx.send(command_topic("payments"), {"command": "Refund", "order_id": event["order_id"]},
-                   key=str(event["order_id"]))
+    await ctx.send(
+        command_topic("payments"),
+        {"command": "Refund", "order_id": event["order_id"]},
+        key=str(event["order_id"]),
+    )
 
 
 @flow.compensate("Reserved")
@@ -66,8 +76,11 @@ async def release(event: dict[str, object], ctx: CompensationContext) -> None:
     delay = float(str(event.get("release_delay", 0)))
     if delay > 0:
         await asyncio.sleep(delay)
-    await ctx.send(command_topic("stock"), {"command": "Release", "order_id": event["order_id"]},
-                   key=str(event["order_id"]))
+    await ctx.send(
+        command_topic("stock"),
+        {"command": "Release", "order_id": event["order_id"]},
+        key=str(event["order_id"]),
+    )
 
 
 flow.irreversible("Emailed", action="Send a correction e-mail")

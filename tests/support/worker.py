@@ -245,13 +245,17 @@ class WorkerProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, _decode(exc.read())
 
+    async def fetch(self, path: str) -> tuple[int, Any]:
+        """GET a path of the worker's API: (HTTP status, decoded JSON body)."""
+        return await asyncio.to_thread(self._get_sync, path)
+
     async def get(self, path: str, *, expect: int = 200) -> Any:
         """GET a path of the worker's API and return the decoded JSON body.
 
         Raises:
             AssertionError: another status than `expect` (with the body and log tail).
         """
-        status, body = await asyncio.to_thread(self._get_sync, path)
+        status, body = await self.fetch(path)
         if status != expect:
             raise AssertionError(
                 f"GET {path} answered {status} (expected {expect}): {body!r}\n" + self.log_tail()
