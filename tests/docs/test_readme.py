@@ -23,18 +23,28 @@ from pathlib import Path
 import pytest
 
 from consumers.broker import find_free_port
-from tests.support.docs import ROOT, SHELL_LANGUAGES, block, code_blocks, documentation_files
+from tests.support.docs import (
+    ROOT,
+    SHELL_LANGUAGES,
+    TESTED_BLOCKS,
+    block,
+    code_blocks,
+    documentation_files,
+)
 
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
-# Blocks run by a test in tests/docs, by (file, name).
-TESTED_BLOCKS = {
-    ("README.md", "install-demo"),
-    ("README.md", "tour"),
-    ("README.md", "python-signal"),
-    ("README.md", "saga-module"),
-}
+# Blocks run by a test in this module, by (file, name); other docs test modules
+# register theirs the same way (pytest imports every module before running).
+TESTED_BLOCKS.update(
+    {
+        ("README.md", "install-demo"),
+        ("README.md", "tour"),
+        ("README.md", "python-signal"),
+        ("README.md", "saga-module"),
+    }
+)
 
 
 def test_every_shell_block_is_run_or_explained() -> None:

@@ -209,9 +209,7 @@ async def test_rollback_detail_has_compensations_manual_actions_and_uncovered_ty
         rollback_id = await start_rollback(runtime, "svc-3.1")
         await wait_for(lambda: len(controls.started) == 2, message="both steps started")
         controls.release(1)
-        await wait_for(
-            lambda: _applied(client, rollback_id, 1), message="one compensation applied"
-        )
+        await wait_for(lambda: _applied(client, rollback_id, 1), message="one compensation applied")
 
         response = await client.get(f"/api/rollbacks/{rollback_id}")
         assert response.status == 200
@@ -252,9 +250,7 @@ async def _applied(client: TestClient, rollback_id: str, count: int) -> bool:
 
 
 async def test_rollback_detail_of_an_unknown_id_is_404(client: TestClient) -> None:
-    assert "unknown rollback 'nope'" in await error_of(
-        await client.get("/api/rollbacks/nope"), 404
-    )
+    assert "unknown rollback 'nope'" in await error_of(await client.get("/api/rollbacks/nope"), 404)
 
 
 async def test_dead_letters_lists_the_newest_first(client: TestClient, runtime: ApiRuntime) -> None:
@@ -360,7 +356,9 @@ async def test_post_rollback_without_a_worker_producer_uses_a_short_lived_one(
         await runtime.close()
     [record] = await read_records(kafka_bootstrap, settings.signals_topic, count=1)
     assert RollbackSignal.model_validate_json(record.value).signal_id == rollback_id
-    assert verify_signature(record.value, dict(record.headers)[SIGNATURE_HEADER], SIGNAL_KEY) is None
+    assert (
+        verify_signature(record.value, dict(record.headers)[SIGNATURE_HEADER], SIGNAL_KEY) is None
+    )
 
 
 async def test_post_rollback_is_503_when_the_broker_is_gone(
@@ -500,9 +498,7 @@ async def test_skip_a_failed_compensation_completes_the_rollback(
     )
 
 
-@pytest.mark.parametrize(
-    "body", [b"", b"{}", b'{"reason": "   "}', b'{"reason": 42}', b"not json"]
-)
+@pytest.mark.parametrize("body", [b"", b"{}", b'{"reason": "   "}', b'{"reason": 42}', b"not json"])
 async def test_skip_needs_a_reason(client: TestClient, body: bytes) -> None:
     response = await client.post(
         "/api/compensations/whatever/skip",
@@ -512,9 +508,7 @@ async def test_skip_needs_a_reason(client: TestClient, body: bytes) -> None:
     await error_of(response, 400)
 
 
-@pytest.mark.parametrize(
-    ("action", "body"), [("retry", None), ("skip", {"reason": "by hand"})]
-)
+@pytest.mark.parametrize(("action", "body"), [("retry", None), ("skip", {"reason": "by hand"})])
 async def test_retry_or_skip_of_an_unknown_compensation_is_404(
     client: TestClient, action: str, body: dict[str, str] | None
 ) -> None:

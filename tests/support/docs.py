@@ -8,6 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
+# (file relative to the repo, block name) of every block a docs test runs.
+TESTED_BLOCKS: set[tuple[str, str | None]] = set()
 _MARKER = re.compile(r"<!--\s*docs-(test|not-run):\s*(.*?)\s*-->")
 _FENCE = re.compile(r"^```(\w*)\s*$")
 

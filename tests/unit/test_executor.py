@@ -151,7 +151,9 @@ class Shop:
         self, correlation_id: str, *, deployment_id: str = DEPLOYMENT
     ) -> list[EventEnvelope]:
         """One saga instance: order → payment → stock, each caused by the one before."""
-        placed = self.event("OrderPlaced", correlation_id=correlation_id, deployment_id=deployment_id)
+        placed = self.event(
+            "OrderPlaced", correlation_id=correlation_id, deployment_id=deployment_id
+        )
         paid = self.event(
             "PaymentCaptured",
             correlation_id=correlation_id,
@@ -447,7 +449,6 @@ class TestFailureIsolation:
             assert shop.sent_order() == [stock.event_id, order.event_id]
             status = await shop.h.engine.status_of(record.rollback_id)
             assert (status.applied, status.skipped, status.failed) == (2, 1, 0)
-
 
     async def test_a_due_retry_waiting_for_a_free_slot_does_not_spin(self) -> None:
         settings = EngineSettings(concurrency=1, poll_interval=0.5)

@@ -375,7 +375,11 @@ class TestPlanNotes:
         assert note.kind == "manual"
         assert note.detail == "Send a correction e-mail to the customer"
         assert note.saga == "checkout"
-        assert (note.event_id, note.event_type, note.service) == ("emailed", "ReceiptEmailed", "mail")
+        assert (note.event_id, note.event_type, note.service) == (
+            "emailed",
+            "ReceiptEmailed",
+            "mail",
+        )
         assert note.as_dict() == {
             "kind": "manual",
             "event_id": "emailed",

@@ -97,8 +97,10 @@ def histories(draw: st.DrawFn, max_events: int = 12) -> list[Spec]:
     specs: list[Spec] = []
     for index in range(size):
         parent = draw(st.none() | st.integers(0, index - 1)) if index else None
-        at = draw(st.integers(0, 30)) if parent is None else specs[parent].at + draw(
-            st.integers(1, 5)
+        at = (
+            draw(st.integers(0, 30))
+            if parent is None
+            else specs[parent].at + draw(st.integers(1, 5))
         )
         specs.append(
             Spec(
@@ -376,9 +378,7 @@ def test_each_compensation_completes_once_whatever_signals_arrive(
 # ------------------------------------------------------------- (c) crash safety
 
 
-async def _run_until(
-    harness: SagaTestHarness, rollback_id: str, reached: asyncio.Event
-) -> None:
+async def _run_until(harness: SagaTestHarness, rollback_id: str, reached: asyncio.Event) -> None:
     """Advance the fake clock until `reached` is set or the run in this process ends."""
     while not reached.is_set() and rollback_id in harness.engine.running():
         with contextlib.suppress(TimeoutError):

@@ -127,7 +127,9 @@ async def test_span_tree_links_attributes_and_command_traceparents(
         assert producer.attributes["messaging.destination.name"] == command.topic
         version, trace_id, span_id, _flags = str(command.header("traceparent")).split("-")
         assert (version, trace_id, span_id) == (
-            "00", f"{producer.context.trace_id:032x}", f"{producer.context.span_id:016x}"
+            "00",
+            f"{producer.context.trace_id:032x}",
+            f"{producer.context.span_id:016x}",
         )
 
 
