@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 HEALTH_TIMEOUT = 2.0  # seconds each dependency may take to answer /health
 
-__all__ = ["RUNTIME_KEY", "SETTINGS_KEY", "build_web_app"]
+__all__ = ["build_web_app"]
 
 
 # -------------------------------------------------------------------------- health

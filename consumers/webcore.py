@@ -7,6 +7,7 @@ error response by hand.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 RUNTIME_KEY = web.AppKey("runtime", object)
 SETTINGS_KEY = web.AppKey("settings", Settings)
+# Seconds a signal may take to reach the broker before the request fails with
+# 503; below the 10 s that Alertmanager and Argo notifications wait by default.
+PUBLISH_TIMEOUT = 8.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -207,24 +211,28 @@ async def publish(request: web.Request, signal: Any) -> None:
     settings = settings_of(request)
     publisher = getattr(runtime_of(request), "publisher", None)
     try:
-        if publisher is None:
-            await publish_signal(settings, signal)
-            return
-        with tracing.tracer().start_as_current_span(
-            tracing.span_send(settings.signals_topic),
-            kind=SpanKind.PRODUCER,
-            attributes={
-                tracing.MESSAGING_SYSTEM: "kafka",
-                tracing.MESSAGING_DESTINATION: settings.signals_topic,
-                tracing.MESSAGING_OPERATION_TYPE: "send",
-                tracing.MESSAGING_KEY: signal.record_key,
-                tracing.ROLLBACK_ID: signal.signal_id,
-            },
-        ):
-            key, value, headers = signal_record(signal, settings.signal_key)
-            await publisher.send(settings.signals_topic, value, key, headers)
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            await _send(settings, publisher, signal)
     except Exception as exc:
         log.warning("could not publish signal %s", signal.signal_id, exc_info=True)
-        raise ApiError(
-            503, f"could not publish the rollback signal to Kafka: {type(exc).__name__}: {exc}"
-        ) from None
+        problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ApiError(503, f"could not publish the rollback signal to Kafka: {problem}") from None
+
+
+async def _send(settings: Settings, publisher: Any, signal: Any) -> None:
+    if publisher is None:
+        await publish_signal(settings, signal)
+        return
+    with tracing.tracer().start_as_current_span(
+        tracing.span_send(settings.signals_topic),
+        kind=SpanKind.PRODUCER,
+        attributes={
+            tracing.MESSAGING_SYSTEM: "kafka",
+            tracing.MESSAGING_DESTINATION: settings.signals_topic,
+            tracing.MESSAGING_OPERATION_TYPE: "send",
+            tracing.MESSAGING_KEY: signal.record_key,
+            tracing.ROLLBACK_ID: signal.signal_id,
+        },
+    ):
+        key, value, headers = signal_record(signal, settings.signal_key)
+        await publisher.send(settings.signals_topic, value, key, headers)

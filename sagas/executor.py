@@ -126,6 +126,14 @@ class RollbackRun:
         self._next_position = 0
         # Blocking is re-derived only after a failure appears or goes away.
         self._blocking_changed = True
+        # Items still to be finished or confirmed (pending, running, applied
+        # awaiting a confirmation): the run ends when none is left.
+        self._open = 0
+        # (deadline, key) of retries and confirmation timeouts; may hold stale
+        # entries, checked against the item when popped.
+        self._deadlines: list[tuple[datetime, str]] = []
+        self._last_refresh: datetime | None = None
+        self._check_pause = True
         self._stopping = False
 
     def wake(self) -> None:
@@ -189,23 +197,61 @@ class RollbackRun:
             for dependency in record.depends_on:
                 if dependency in self._items:
                     self._items[dependency].dependents.append(item.key)
-            self._index(item)
-        watched = [
-            k
-            for k, i in self._items.items()
-            if i.state not in (S.CONFIRMED, S.SKIPPED)
-            and not (i.state == S.APPLIED and i.step.confirm is None)
-            and k not in self._running_here
-        ]
-        if not watched or (fresh and len(fresh) == len(self._items)):
-            return
-        for record in await self.ledger.get_compensations(watched):
+        for record in fresh:
             item = self._items[record.idempotency_key]
-            if record.state != item.state and record.idempotency_key not in self._running_here:
-                item.attempts = record.attempts
-                item.next_attempt_at = record.next_attempt_at
-                item.confirm_deadline = record.confirm_deadline
-                self._set_state(item, record.state)
+            self._index(item)
+            self._open += _is_open(item, item.state)
+            self._track_deadline(item)
+        await self._refresh()
+
+    async def _refresh(self) -> None:
+        """Apply state changes made elsewhere: confirmations tracked by another
+        worker, operator retry/skip, claims of another rollback sharing a key.
+
+        Reads only rows changed since the last refresh (minus a margin for
+        clock skew between workers), so a poll costs what changed, not the
+        size of the plan.
+        """
+        now = self.clock.now()
+        since = self._last_refresh
+        self._last_refresh = now
+        if since is None:
+            return
+        changed = await self.ledger.changed_compensations(
+            self.rollback_id, since=since - timedelta(seconds=2)
+        )
+        for record in changed:
+            item = self._items.get(record.idempotency_key)
+            if item is None or record.state == item.state or item.key in self._running_here:
+                continue
+            item.attempts = record.attempts
+            item.next_attempt_at = record.next_attempt_at
+            item.confirm_deadline = record.confirm_deadline
+            self._set_state(item, record.state)
+            self._track_deadline(item)
+
+    def _track_deadline(self, item: _Item) -> None:
+        if item.state == S.PENDING and item.next_attempt_at is not None:
+            heapq.heappush(self._deadlines, (item.next_attempt_at, item.key))
+        elif (
+            item.state == S.APPLIED
+            and item.step.confirm is not None
+            and item.confirm_deadline is not None
+        ):
+            heapq.heappush(self._deadlines, (item.confirm_deadline, item.key))
+
+    def _next_deadline(self, now: datetime) -> datetime | None:
+        """The earliest live deadline ahead of `now` (stale entries are dropped)."""
+        while self._deadlines:
+            deadline, key = self._deadlines[0]
+            item = self._items[key]
+            live = (item.state == S.PENDING and item.next_attempt_at == deadline) or (
+                item.state == S.APPLIED and item.confirm_deadline == deadline
+            )
+            if live and deadline > now:
+                return deadline
+            heapq.heappop(self._deadlines)
+        return None
 
     def _index(self, item: _Item) -> None:
         """Count the dependencies of a new item not yet done."""
@@ -227,6 +273,7 @@ class RollbackRun:
         before = item.state
         if before == state:
             return
+        self._open += _is_open(item, state) - _is_open(item, before)
         item.state = state
         if S.FAILED in (before, state) or S.BLOCKED in (before, state):
             self._blocking_changed = True
@@ -262,9 +309,10 @@ class RollbackRun:
         while True:
             if self._stopping:
                 return RunResult(finished=False, failed=[], paused=False, stopped=True)
-            if self.is_paused is not None and await self.is_paused():
+            if self._check_pause and self.is_paused is not None and await self.is_paused():
                 await self._drain()
                 return RunResult(finished=False, failed=[], paused=True, stopped=self._stopping)
+            self._check_pause = False
             now = self.clock.now()
             await self._expire_confirmations(now)
             await self._block_and_unblock(now)
@@ -281,6 +329,7 @@ class RollbackRun:
             ):
                 self._wake.clear()
                 last_poll = self.clock.now()
+                self._check_pause = True
                 await self._load()
             if self.on_progress is not None:
                 await _maybe_await(self.on_progress())
@@ -301,12 +350,7 @@ class RollbackRun:
             await self._collect()
 
     def _nothing_left_to_wait_for(self) -> bool:
-        for item in self._items.values():
-            if item.state in (S.PENDING, S.RUNNING):
-                return False
-            if item.state == S.APPLIED and item.step.confirm is not None:
-                return False
-        return True
+        return self._open == 0
 
     def _dependencies_done(self, item: _Item) -> bool:
         return all(
@@ -383,13 +427,10 @@ class RollbackRun:
         # Only deadlines still ahead: one already due is either being handled
         # (started, expired) or waits for something else (a free slot, a
         # dependency, the next poll), and waking at once for it would spin.
-        timeouts = [self.poll_interval]
-        for item in self._items.values():
-            if item.state == S.PENDING and item.next_attempt_at is not None:
-                timeouts.append((item.next_attempt_at - now).total_seconds())
-            if item.state == S.APPLIED and item.confirm_deadline is not None:
-                timeouts.append((item.confirm_deadline - now).total_seconds())
-        delay = min((t for t in timeouts if t > 0), default=0.0)
+        delay = self.poll_interval
+        deadline = self._next_deadline(now)
+        if deadline is not None:
+            delay = min(delay, (deadline - now).total_seconds())
         waiters: set[asyncio.Future[Any]] = set(self._inflight)
         sleeper = asyncio.ensure_future(self.clock.sleep(delay))
         woken = asyncio.ensure_future(self._wake.wait())
@@ -419,6 +460,7 @@ class RollbackRun:
                 item.next_attempt_at = outcome.next_attempt_at
                 item.confirm_deadline = outcome.confirm_deadline
                 self._set_state(item, outcome.state)
+                self._track_deadline(item)
             if outcome.state == S.FAILED and self.failures is not None:
                 event = self._events[item.record.event_id]
                 await self.failures.compensation_failed(
@@ -426,14 +468,19 @@ class RollbackRun:
                 )
 
     async def _expire_confirmations(self, now: datetime) -> None:
-        expired = [
-            item
-            for item in self._items.values()
-            if item.state == S.APPLIED
-            and item.step.confirm is not None
-            and item.confirm_deadline is not None
-            and item.confirm_deadline <= now
-        ]
+        # Every due deadline leaves the heap: a due retry is already in the
+        # ready set (it starts when a slot is free; a finishing attempt wakes
+        # the loop), a due confirmation timeout is handled here.
+        expired: list[_Item] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, key = heapq.heappop(self._deadlines)
+            item = self._items[key]
+            if (
+                item.state == S.APPLIED
+                and item.step.confirm is not None
+                and item.confirm_deadline == deadline
+            ):
+                expired.append(item)
         for item in expired:
             exhausted = item.step.retry.exhausted(item.attempts)
             error = (
@@ -530,6 +577,13 @@ class RollbackRun:
             error=error,
             next_attempt_at=self.clock.now() + timedelta(seconds=wait),
         )
+
+
+def _is_open(item: _Item, state: S) -> int:
+    """1 while `item` in `state` still needs this run: to run, or to be confirmed."""
+    if state in (S.PENDING, S.RUNNING):
+        return 1
+    return int(state == S.APPLIED and item.step.confirm is not None)
 
 
 def _done(item: _Item, state: S) -> bool:

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -51,18 +51,25 @@ def backout_argv(*args: str) -> list[str]:
 class StopRequests:
     """SIGINT, SIGTERM and SIGHUP as a request to stop the demo cleanly.
 
-    While a scenario task is attached, a signal cancels it; otherwise (broker
-    start-up, synchronous code) it raises `KeyboardInterrupt`, unless the
-    demo is already cleaning up (`shielded`), where it is only recorded.
+    While a scenario task is attached, a signal cancels it (after calling
+    `on_signal` on the loop, once); otherwise (broker start-up, synchronous
+    code) it raises `KeyboardInterrupt`, unless the demo is already cleaning
+    up (`shielded`), where it is only recorded.
+
+    Args:
+        on_signal: told of the first signal, in the event loop (where printing
+            is safe, unlike in a signal handler).
     """
 
     SIGNALS = tuple(
         s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s
     )
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Callable[[signal.Signals], None] | None = None) -> None:
         self.received: signal.Signals | None = None
+        self.announced = False
         self.shielded = False
+        self._on_signal = on_signal
         self._previous: dict[int, Any] = {}
         self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,9 +101,15 @@ class StopRequests:
         if task is not None and loop is not None and not task.done():
             # Python runs this handler in the main thread between bytecodes;
             # call_soon_threadsafe also wakes a loop waiting in select().
-            loop.call_soon_threadsafe(task.cancel)
+            loop.call_soon_threadsafe(self._cancel, task)
         elif not self.shielded:
             raise KeyboardInterrupt
+
+    def _cancel(self, task: asyncio.Task[Any]) -> None:
+        if not self.announced and self.received is not None and self._on_signal is not None:
+            self.announced = True
+            self._on_signal(self.received)
+        task.cancel()
 
 
 class WorkerProcess:
@@ -165,12 +178,17 @@ class WorkerProcess:
                 raise DemoError(f"the worker was not ready within {timeout:g}s\n{self.log_tail()}")
             await asyncio.sleep(interval)
 
+    def terminate(self) -> None:
+        """Ask the worker to stop (SIGTERM) without waiting for it."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+
     def stop(self, grace: float = WORKER_GRACE) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds; reap it. Idempotent."""
         process = self.process
         if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
+            self.terminate()
             try:
                 process.wait(grace)
             except subprocess.TimeoutExpired:
@@ -210,7 +228,8 @@ class Children:
     def start_broker(self, timeout: float) -> EmbeddedBroker:
         """Start the embedded broker on a free port; block until it serves metadata."""
         self.broker = EmbeddedBroker(log_path=self.workdir / "tansu.log", grace=3.0)
-        self.broker.start(timeout=timeout)
+        with _sigint_blocked():
+            self.broker.start(timeout=timeout)
         return self.broker
 
     def spawn_worker(self, env: Mapping[str, str], host: str = "127.0.0.1") -> WorkerProcess:
@@ -249,15 +268,39 @@ class Children:
     ) -> None:
         """Stop the worker (it needs the broker to leave cleanly), then the broker."""
         if self.worker is not None and self.worker.process is not None:
-            running = self.worker.running
+            was_running = self.worker.running
             code = self.worker.stop(grace)
-            if report is not None and running:
-                report(f"worker (pid {self.worker.pid}) stopped, exit code {code}")
+            if report is not None:
+                how = "stopped" if was_running else "had already exited"
+                report(f"worker (pid {self.worker.pid}) {how}, exit code {code}")
         if self.broker is not None and self.broker.pid is not None:
-            running = self.broker.is_running
+            was_running = self.broker.is_running
             self.broker.stop()
-            if report is not None and running:
-                report(f"broker (pid {self.broker.pid}) stopped")
+            if report is not None:
+                # A Ctrl-C in the terminal reaches the broker too (same process group).
+                how = "stopped" if was_running else "had already exited"
+                report(f"broker (pid {self.broker.pid}) {how}, exit code {self.broker.returncode}")
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread meanwhile, and so in the processes it starts.
+
+    A Ctrl-C in the terminal goes to its whole foreground process group, and
+    `EmbeddedBroker` starts the broker in ours: a broker that died first would
+    leave the worker and the shop's clients hanging on their way out. Children
+    inherit the signal mask (through exec), so a broker started with SIGINT
+    blocked ignores the terminal's Ctrl-C and is stopped by `stop_all` (SIGTERM)
+    after the others. A Ctrl-C meanwhile is only delayed until start-up is over.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to keep apart
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def child_env(overrides: Mapping[str, str]) -> dict[str, str]:
@@ -266,8 +309,6 @@ def child_env(overrides: Mapping[str, str]) -> dict[str, str]:
     A developer's own settings (another broker, database or token) must not
     leak into the demo's worker.
     """
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith(("BACKOUT_", "SHOP_"))
-    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("BACKOUT_", "SHOP_"))}
     base.update(overrides)
     return base

@@ -6,45 +6,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from consumers.demo.checks import Summary
 from schemas import RollbackStatus
-
-
-@dataclass
-class Check:
-    """One invariant and whether it holds."""
-
-    text: str
-    ok: bool
-
-
-@dataclass
-class Summary:
-    """The numbers of one demo run."""
-
-    good_orders: int
-    bad_orders: int
-    events_forward: int
-    events_total: int
-    status: RollbackStatus
-    expected_compensations: int
-    expected_manual: int
-    dead_letters: int
-    signal_to_completed: float | None
-    signal_to_consistent: float | None
-    alert_path: str
-    checks: list[Check] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when every invariant holds."""
-        return all(c.ok for c in self.checks) and not self.problems
 
 
 class Reporter:
@@ -115,12 +83,12 @@ class Reporter:
         table.add_column("what")
         table.add_column("value", justify="right")
         table.add_column("expected", justify="right")
-        st = s.status
+        st, m = s.status, s.measured
         rows = [
             ("checkouts through orders 1.0 (good)", s.good_orders, None),
             ("checkouts through orders 1.1 (bad)", s.bad_orders, None),
-            ("events tracked before the alert", s.events_forward, None),
-            ("events tracked in all (with confirmations)", s.events_total, None),
+            ("events tracked before the alert", m.events_forward, None),
+            ("events tracked in all (with confirmations)", m.events_total, None),
             ("rollback state", st.state.value, "completed_with_warnings"),
             ("compensations planned", st.planned, s.expected_compensations),
             ("compensations applied", st.applied, s.expected_compensations),
@@ -128,14 +96,14 @@ class Reporter:
             ("compensations failed", st.failed, 0),
             ("manual actions (correction e-mails)", st.manual, s.expected_manual),
             ("uncovered events", st.uncovered, 0),
-            ("dead-lettered records (backout.dlq)", s.dead_letters, 0),
-            ("signal → rollback finished", _seconds(s.signal_to_completed), None),
-            ("signal → shop consistent", _seconds(s.signal_to_consistent), None),
+            ("dead-lettered records (backout.dlq)", m.dead_letters, 0),
+            ("signal → rollback finished", _seconds(m.signal_to_completed), None),
+            ("signal → shop consistent", _seconds(m.signal_to_consistent), None),
         ]
         for name, value, expected in rows:
             table.add_row(name, str(value), "" if expected is None else str(expected))
         self.console.print(table)
-        self.console.print(f"  alert raised through: {s.alert_path}", soft_wrap=True)
+        self.console.print(f"  alert raised through: {m.alert_path}", soft_wrap=True)
         self.print_timings()
         if s.problems:
             self.console.print(f"\n[bold red]{len(s.problems)} problem(s):[/]")

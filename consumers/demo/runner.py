@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +37,20 @@ def run_demo(options: DemoOptions) -> int:
         does not hold or the demo failed, 130 when it was interrupted.
     """
     out = Reporter()
-    stops = StopRequests()
+    scenario: Scenario | None = None
+
+    def announce(signum: signal.Signals) -> None:
+        finished = scenario is not None and scenario.result is not None
+        out.console.print()
+        out.say(
+            f"{signum.name} received: "
+            + ("stopping everything" if finished else "interrupted, stopping everything")
+        )
+
+    stops = StopRequests(on_signal=announce)
     stops.install()
     workdir = Path(tempfile.mkdtemp(prefix="backout-demo-"))
     children = Children(workdir)
-    scenario: Scenario | None = None
     code: int | None = None
     try:
         out.console.print(
@@ -63,12 +73,9 @@ def run_demo(options: DemoOptions) -> int:
         code = EXIT_FAILED
     finally:
         stops.shielded = True
-        if stops.received is not None:
-            ended = "stopping" if scenario is not None and scenario.result is not None else (
-                "interrupted: stopping"
-            )
-            out.console.print()
-            out.say(f"{stops.received.name} received, {ended} everything")
+        if stops.received is not None and not stops.announced:
+            stops.announced = True
+            announce(stops.received)
         children.stop_all(
             grace=INTERRUPT_GRACE if stops.received is not None else 10.0, report=out.say
         )

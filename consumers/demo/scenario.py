@@ -23,17 +23,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumers.client import follow_status
 from consumers.demo.alert import Alert, raise_alert
+from consumers.demo.checks import Measured, Summary, count_records, judge
 from consumers.demo.processes import Children, DemoError, WorkerProcess, child_env
-from consumers.demo.report import Check, Reporter, Summary
+from consumers.demo.report import Reporter
 from consumers.settings import Settings
-from examples.shop.flow import ORDERS_BAD, ORDERS_STABLE, Checkout, Deployment
-from examples.shop.saga import build_checkout_saga
-from examples.shop.services import Shop, ensure_topics
+from examples.shop.flow import ORDERS_BAD, ORDERS_STABLE, Deployment
 from examples.shop.schemas import ShopTopics
+from examples.shop.services import Shop, ShopService, ensure_topics
 from schemas import RollbackState, RollbackStatus
 
 _T = TypeVar("_T")
@@ -43,6 +42,7 @@ DEFAULT_TIMEOUT = 120.0
 PLACEMENT_CONCURRENCY = 16  # checkouts in flight at once: lets the producer batch
 ERROR_RATE = 0.12  # what the alert says orders 1.1 does, for the story
 SHOP_STOP_TIMEOUT = 5.0
+STEP_MARGIN = 10.0  # seconds a step may take beyond --timeout before it counts as hung
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,7 @@ class Scenario:
             api_token=None,
         )
         self.result: int | None = None
+        self._shop_changed = asyncio.Event()
 
     def worker_env(self) -> dict[str, str]:
         """The worker's settings: this run's broker, ledger and app id; fast timings."""
@@ -117,7 +118,9 @@ class Scenario:
 
     async def run(self) -> int:
         """Tell the story; return 0 when the shop is consistent again, 1 otherwise."""
-        await ensure_topics(self.bootstrap, [*self.topics.all_events(), *self.topics.all_commands()])
+        topics = [*self.topics.all_events(), *self.topics.all_commands()]
+        # Created before the worker starts, so its tracker finds them at once.
+        await self._within("creating the shop's topics", ensure_topics(self.bootstrap, topics))
         self.out.heading("Starting Backout")
         started = time.monotonic()
         worker = self.children.spawn_worker(self.worker_env())
@@ -134,6 +137,7 @@ class Scenario:
                 group_prefix=f"demo-{self.run_id}-shop",
                 session_timeout_ms=2_000,
                 heartbeat_interval_ms=500,
+                on_change=self._on_shop_change,
             )
             try:
                 return await self._guarded(self._story(http, worker, shop, ready))
@@ -141,9 +145,12 @@ class Scenario:
                 ready.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await ready
-                # A dead broker must not make the shop's clients hang the exit.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(shop.stop(), SHOP_STOP_TIMEOUT)
+                if self.children.worker is not None:
+                    # Leaving its groups takes the worker a moment: in parallel.
+                    self.children.worker.terminate()
+                started = time.monotonic()
+                await _stop_shop(shop)
+                self.out.say(f"shop stopped ({time.monotonic() - started:.1f}s)")
 
     async def _story(
         self,
@@ -152,28 +159,28 @@ class Scenario:
         shop: Shop,
         ready: asyncio.Task[None],
     ) -> int:
-        await shop.start()
+        await self._within("starting the shop", _start_shop(shop))
         self.out.say("shop started: orders, payments, inventory (in this process)")
-        await self._traffic(shop, ORDERS_STABLE, "the good release")
-        await self._traffic(shop, ORDERS_BAD, "the bad release")
-        await ready
-        forward = await self._wait_tracked(http, worker, shop)
+        await self._within("orders 1.0", self._traffic(shop, ORDERS_STABLE, "the good release"))
+        await self._within("orders 1.1", self._traffic(shop, ORDERS_BAD, "the bad release"))
+        await self._within("starting the worker", ready)
+        forward = await self._within("tracking", self._wait_tracked(http, worker, shop))
 
         self.out.heading(f"Alert: orders {ORDERS_BAD.service_version} fails checkouts")
-        alert = await raise_alert(
-            http,
-            worker.base_url,
-            ORDERS_BAD,
-            error_rate=ERROR_RATE,
+        alert = await self._within(
+            "raising the alert",
+            raise_alert(http, worker.base_url, ORDERS_BAD, error_rate=ERROR_RATE),
         )
         self.out.say(
             f"DeploymentHighErrorRate fired for {ORDERS_BAD.deployment_id} → {alert.path}; "
             f"rollback {alert.rollback_id}"
         )
-        status, completed, consistent = await self._follow(alert, shop)
+        status, completed, consistent = await self._within("rollback", self._follow(alert, shop))
 
         self.out.heading("Checking the shop")
-        summary = await self._verify(http, shop, status, alert, forward, completed, consistent)
+        summary = await self._within(
+            "checking", self._verify(http, shop, status, alert, forward, completed, consistent)
+        )
         self.out.summary(summary)
         self.result = 0 if summary.ok else 1
         if summary.ok:
@@ -183,6 +190,9 @@ class Scenario:
         if self.options.keep:
             await self._keep(worker, alert)
         return self.result
+
+    def _on_shop_change(self, _service: ShopService) -> None:
+        self._shop_changed.set()
 
     # -- steps ---------------------------------------------------------------------
 
@@ -202,10 +212,13 @@ class Scenario:
         )
         started = time.monotonic()
         before = len(shop.checkouts)
-        sizes = [len(range(i, count, PLACEMENT_CONCURRENCY)) for i in range(PLACEMENT_CONCURRENCY)]
+        # Concurrent runs of the shop's own traffic generator; each run makes
+        # every third checkout a legacy one, so runs of at least 6 keep that mix.
+        size = max(6, -(-count // PLACEMENT_CONCURRENCY))
+        sizes = [min(size, count - start) for start in range(0, count, size)]
         with self.out.counter("checkouts", count) as (progress, task):
             placing = asyncio.gather(
-                *(shop.place_demo_orders(n, deployment=deployment) for n in sizes if n)
+                *(shop.place_demo_orders(n, deployment=deployment) for n in sizes)
             )
             while not placing.done():
                 progress.update(task, completed=len(shop.checkouts) - before)
@@ -227,6 +240,7 @@ class Scenario:
     ) -> int:
         expected = sum(len(c.events) for c in shop.checkouts)
         self.out.heading("Backout tracks every event in its ledger")
+        self.out.say("(a new tracker starts at the earliest offset: nothing sent before is missed)")
         started = time.monotonic()
         deadline = started + self.options.timeout
         tracked = 0
@@ -244,18 +258,19 @@ class Scenario:
         self.out.timing("tracking", time.monotonic() - started)
         return tracked
 
-    async def _follow(
-        self, alert: Alert, shop: Shop
-    ) -> tuple[RollbackStatus, float, float | None]:
+    async def _follow(self, alert: Alert, shop: Shop) -> tuple[RollbackStatus, float, float | None]:
         """Follow the status topic to the end; return (final status, seconds to it,
         seconds until the shop was consistent or None)."""
         consistent_at: float | None = None
 
         async def watch_shop() -> None:
             nonlocal consistent_at
-            while shop.problems_after_rollback(ORDERS_BAD.deployment_id):
-                await asyncio.sleep(0.05)
-            consistent_at = time.monotonic()
+            while True:
+                self._shop_changed.clear()
+                if not shop.problems_after_rollback(ORDERS_BAD.deployment_id):
+                    consistent_at = time.monotonic()
+                    return
+                await self._shop_changed.wait()
 
         watcher = asyncio.create_task(watch_shop())
         try:
@@ -297,65 +312,23 @@ class Scenario:
         completed: float,
         consistent: float | None,
     ) -> Summary:
-        bad = shop.checkouts_of(ORDERS_BAD.deployment_id)
-        good = shop.checkouts_of(ORDERS_STABLE.deployment_id)
         worker = self.children.worker
         assert worker is not None
         dead, total = await asyncio.gather(
             count_records(self.bootstrap, self.settings.dlq_topic),
             _tracked_events(http, worker.base_url),
         )
-        saga = build_checkout_saga()  # only its declarations: which types are undone how
-        compensated = {event_type for event_type, _version in saga.steps}
-        expected = sum(1 for c in bad for e in c.events if e.event_type in compensated)
-        manual = sum(1 for c in bad for e in c.events if e.event_type in saga.manual)
-        undone = sum(1 for c in bad if shop.is_undone(c))
-        untouched = sum(1 for c in good if _untouched(shop, c))
-        stock_ok = shop.inventory.stock == _expected_stock(shop, good)
-        counts_ok = (
-            status.planned == status.applied == status.confirmed == expected and not status.failed
-        )
-        checks = [
-            Check(
-                f"all {len(bad)} orders of {ORDERS_BAD.deployment_id} cancelled, refunded "
-                f"and their stock released ({undone}/{len(bad)})",
-                undone == len(bad),
+        return judge(
+            shop,
+            status,
+            Measured(
+                events_forward=forward,
+                events_total=total,
+                dead_letters=dead,
+                signal_to_completed=completed,
+                signal_to_consistent=consistent,
+                alert_path=alert.path,
             ),
-            Check(
-                f"all {len(good)} orders of {ORDERS_STABLE.deployment_id} untouched "
-                f"({untouched}/{len(good)})",
-                untouched == len(good),
-            ),
-            Check("stock = initial stock - what the orders of 1.0 reserved", stock_ok),
-            Check(
-                f"every planned compensation applied and confirmed: {status.planned} planned, "
-                f"{status.applied} applied, {status.confirmed} confirmed (expected {expected})",
-                counts_ok,
-            ),
-            Check(
-                f"{status.manual} manual actions listed, one per ReceiptEmailed of 1.1 ({manual})",
-                status.manual == manual,
-            ),
-            Check(f"{dead} dead-lettered records", dead == 0),
-            Check(
-                f"rollback ended {status.state.value}",
-                status.state in (RollbackState.COMPLETED, RollbackState.COMPLETED_WITH_WARNINGS),
-            ),
-        ]
-        return Summary(
-            good_orders=len(good),
-            bad_orders=len(bad),
-            events_forward=forward,
-            events_total=total,
-            status=status,
-            expected_compensations=expected,
-            expected_manual=manual,
-            dead_letters=dead,
-            signal_to_completed=completed,
-            signal_to_consistent=consistent,
-            alert_path=alert.path,
-            checks=checks,
-            problems=shop.problems_after_rollback(ORDERS_BAD.deployment_id),
         )
 
     async def _keep(self, worker: WorkerProcess, alert: Alert) -> None:
@@ -375,6 +348,16 @@ class Scenario:
         while True:
             await asyncio.sleep(0.5)
             self.children.check_alive()
+
+    async def _within(self, step: str, awaitable: Awaitable[_T]) -> _T:
+        """Await a step; a `DemoError` naming it when it hangs (a sick broker, say)."""
+        # A margin, so that steps with deadlines of their own report first.
+        limit = self.options.timeout + STEP_MARGIN
+        try:
+            async with asyncio.timeout(limit):
+                return await awaitable
+        except TimeoutError:
+            raise DemoError(f"{step}: not done after {limit:g}s") from None
 
     async def _guarded(self, story: Awaitable[_T]) -> _T:
         """Run `story`, failing fast when the broker or the worker dies meanwhile."""
@@ -401,6 +384,25 @@ class Scenario:
 # ------------------------------------------------------------------------ helpers
 
 
+async def _start_shop(shop: Shop) -> None:
+    """Start the three services at once (each joins a consumer group: ~1 s apiece)."""
+    results = await asyncio.gather(
+        *(s.start() for s in shop.services.values()), return_exceptions=True
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        await _stop_shop(shop)
+        raise failures[0]
+
+
+async def _stop_shop(shop: Shop) -> None:
+    """Stop the three services at once; never hang the exit on a broken broker."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(
+            asyncio.gather(*(s.stop() for s in shop.services.values())), SHOP_STOP_TIMEOUT
+        )
+
+
 async def _tracked_events(http: aiohttp.ClientSession, base_url: str) -> int:
     """Events in the worker's ledger, over all deployments (0 while it starts)."""
     try:
@@ -411,56 +413,3 @@ async def _tracked_events(http: aiohttp.ClientSession, base_url: str) -> int:
     except (aiohttp.ClientError, TimeoutError):
         return 0
     return sum(int(d.get("events", 0)) for d in deployments)
-
-
-def _untouched(shop: Shop, checkout: Checkout) -> bool:
-    account = shop.payments.payments.get(checkout.order_id)
-    return (
-        shop.orders.orders.get(checkout.order_id) == "placed"
-        and (account is None or account.refunded_cents == 0)
-        and checkout.order_id not in shop.inventory.released
-    )
-
-
-def _expected_stock(shop: Shop, kept: list[Checkout]) -> dict[str, int]:
-    expected = dict(shop.initial_stock)
-    for checkout in kept:
-        for line in checkout.lines:
-            expected[line.sku] = expected.get(line.sku, 0) - line.quantity
-    return expected
-
-
-async def count_records(bootstrap: str, topic: str, *, idle: float = 0.6) -> int:
-    """How many records `topic` holds, read from the beginning until it stays quiet.
-
-    End offsets of the embedded broker cannot be trusted (BROKER.md), so the
-    topic is read until no record came for `idle` seconds.
-    """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return 0
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        await consumer.seek_to_beginning()
-        count = 0
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < idle:
-            batch = await consumer.getmany(timeout_ms=100)
-            if batch:
-                quiet_since = time.monotonic()
-                count += sum(len(records) for records in batch.values())
-        return count
-    finally:
-        await consumer.stop()
-

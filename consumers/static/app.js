@@ -22,7 +22,7 @@
       else node.setAttribute(name, value === true ? "" : String(value));
     }
     for (const child of children.flat()) {
-      if (child === null || child === undefined || child === false) continue;
+      if (child === null || child === undefined || child === false || child === "") continue;
       node.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
     return node;
@@ -315,7 +315,7 @@
           "tr",
           { class: `comp state-${c.state}`, "data-key": c.idempotency_key },
           el("td", { class: "num", "data-label": "#" }, index + 1),
-          cell("Step", `${c.saga}.${c.step}`),
+          cell("Step", c.step.startsWith(`${c.saga}.`) ? c.step : `${c.saga}.${c.step}`),
           cell("Event", c.event_type, " ", el("code", { class: "small", title: c.event_id }, shortId(c.event_id))),
           cell("State", badge(c.state)),
           el("td", { class: "num", "data-label": "Attempts" }, c.attempts),

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -334,6 +334,38 @@ class RollbackStore:
                 t.rollback_items.c.position >= min_position,
             )
             .order_by(t.rollback_items.c.position)
+        )
+        async with self.engine.connect() as conn:
+            return [compensation_from_row(r) for r in (await conn.execute(query)).all()]
+
+    async def changed_compensations(
+        self, rollback_id: str, *, since: datetime
+    ) -> list[CompensationRecord]:
+        """A rollback's compensations changed by someone else at or after `since`.
+
+        "Someone else": a confirmation or an operator skip (whoever wrote it),
+        an operator retry (pending again with a fresh budget), or a claim by
+        another rollback sharing the key. The run's own writes are left out,
+        so a poll reads what changed elsewhere, not the run's own progress.
+        """
+        c = t.compensations.c
+        query = (
+            select(t.compensations)
+            .join(
+                t.rollback_items,
+                and_(
+                    t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
+                    t.rollback_items.c.rollback_id == rollback_id,
+                ),
+            )
+            .where(
+                c.updated_at >= since,
+                or_(
+                    c.state.in_([S.CONFIRMED, S.SKIPPED]),
+                    and_(c.claimed_by.is_not(None), c.claimed_by != rollback_id),
+                    and_(c.state == S.PENDING, c.attempts == 0, c.claimed_by.is_not(None)),
+                ),
+            )
         )
         async with self.engine.connect() as conn:
             return [compensation_from_row(r) for r in (await conn.execute(query)).all()]

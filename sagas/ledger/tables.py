@@ -145,6 +145,8 @@ compensations = Table(
     Column("updated_at", Time, nullable=False),
     Index(None, "event_id"),
     Index(None, "state"),
+    # Runs poll "what changed since my last look" (other workers, operators).
+    Index(None, "updated_at"),
 )
 
 rollback_items = Table(

@@ -8,6 +8,7 @@ record every call, so tests can say exactly which (key, attempt) ran when.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -196,6 +197,11 @@ class Shop:
         return idempotency_key(event.event_id, f"checkout.{step}")
 
 
+def spacing(calls: list[Call]) -> list[float]:
+    """Seconds (fake time) between successive calls."""
+    return [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(calls)]
+
+
 async def until(predicate: Callable[[], Any], message: str) -> None:
     """Wait (real time, briefly) for something the run does without the clock moving."""
     await wait_for(predicate, timeout=5.0, interval=0.002, message=message)
@@ -225,7 +231,7 @@ class TestRetries:
             calls = shop.calls_of(placed)
             assert [c.attempt for c in calls] == [1, 2, 3, 4]
             assert {c.key for c in calls} == {shop.key(placed)}
-            gaps = [(b.at - a.at).total_seconds() for a, b in zip(calls, calls[1:], strict=False)]
+            gaps = spacing(calls)
             assert gaps == [1.0, 2.0, 4.0]
             # Each retry ran exactly when the ledger said it would.
             assert scheduled[0] is None
@@ -240,7 +246,7 @@ class TestRetries:
             shop.script[placed.event_id] = [TimeoutError("slow")] * 5
             await shop.h.rollback(DEPLOYMENT)
             calls = shop.calls_of(placed)
-            gaps = [(b.at - a.at).total_seconds() for a, b in zip(calls, calls[1:], strict=False)]
+            gaps = spacing(calls)
             assert gaps == [1.0, 2.0, 3.0, 3.0, 3.0]
 
     async def test_backoff_grows_within_jitter_bounds(self) -> None:
@@ -253,7 +259,7 @@ class TestRetries:
 
             assert record.state == RollbackState.COMPLETED
             calls = shop.calls_of(placed)
-            gaps = [(b.at - a.at).total_seconds() for a, b in zip(calls, calls[1:], strict=False)]
+            gaps = spacing(calls)
             bases = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
             assert len(gaps) == len(bases)
             for gap, base in zip(gaps, bases, strict=True):
@@ -570,7 +576,7 @@ class TestConfirmations:
             assert record.state == RollbackState.FAILED
             assert [c.attempt for c in shop.calls] == [1, 2, 3]
             assert {c.key for c in shop.calls} == {shop.key(paid)}
-            gaps = [(b.at - a.at).total_seconds() for a, b in zip(shop.calls, shop.calls[1:])]
+            gaps = spacing(shop.calls)
             assert gaps == [10.0, 10.0]
             (failure,) = shop.h.failures.failed
             assert failure[1] == shop.key(paid)
@@ -925,6 +931,91 @@ class TestSignals:
             (note,) = record.manual
             assert note["event_id"] == emailed.event_id
             assert note["detail"] == "Apologise to the customer by e-mail"
+
+
+# ------------------------------------------------------------- stop / restart
+
+
+class TestStopAndRestart:
+    async def test_stop_never_cuts_a_ledger_transaction_and_the_restart_finishes(self) -> None:
+        # Stopping runs (shutdown, a rebalance) must not cancel a ledger call
+        # half-way: on SQLite that leaves the database locked for everyone.
+        async with Shop() as shop:
+            events = [e for c in range(6) for e in await shop.checkout(f"c{c}")]
+            cut: list[str] = []
+            ledger = shop.h.ledger
+            names = [
+                "claim",
+                "record_outcomes",
+                "release_claims",
+                "set_states",
+                "plan_items",
+                "get_compensations",
+                "get_rollback",
+                "counts",
+            ]
+
+            def watched(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+                async def call(*args: Any, **kwargs: Any) -> Any:
+                    try:
+                        return await method(*args, **kwargs)
+                    except asyncio.CancelledError:
+                        cut.append(name)
+                        raise
+
+                return call
+
+            for name in names:
+                setattr(ledger, name, watched(name, getattr(ledger, name)))
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            done_at_restart: list[set[str]] = []
+            for pause in [0.0, 0.001, 0.002, 0.0005, 0.003, 0.0, 0.001, 0.004]:
+                await asyncio.sleep(pause)
+                calls_before = len(shop.calls)
+                await shop.h.engine.stop()
+                states = await ledger.compensation_states(shop.key(e) for e in events)
+                done_at_restart.append({k for k, v in states.items() if v == S.APPLIED})
+                await shop.h.crash_and_restart()
+                # Nothing recorded done before this restart runs again after it.
+                await asyncio.sleep(0)
+                assert not {c.key for c in shop.calls[calls_before:]} & done_at_restart[-1]
+            record = await shop.h.settle(record.rollback_id)
+
+            assert cut == []
+            assert record.state == RollbackState.COMPLETED
+            assert {c.key for c in shop.calls} == {shop.key(e) for e in events}
+            assert {await shop.state_of(e) for e in events} == {S.APPLIED}
+            # Each instance still undone in reverse order, re-runs included.
+            for c in range(6):
+                mine = [e.event_id for e in events if e.correlation_id == f"c{c}"]
+                sent = [x for x in shop.sent_order() if x in mine]
+                assert list(dict.fromkeys(sent)) == list(reversed(mine))
+
+    async def test_a_stopped_rollback_stays_running_for_the_next_worker(self) -> None:
+        async with Shop() as shop:
+            order, payment, stock = await shop.checkout("c1")
+            shop.gates[stock.event_id] = asyncio.Event()
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await until(lambda: len(shop.h.sent) == 1, "first compensation in flight")
+
+            await shop.h.engine.stop()
+            assert shop.h.engine.running() == []
+            stored = await shop.h.ledger.require_rollback(record.rollback_id)
+            assert stored.state == RollbackState.RUNNING
+            # The handler in flight was abandoned: its claim is still open.
+            assert await shop.state_of(stock) == S.RUNNING
+
+            await shop.h.crash_and_restart()
+            shop.gates[stock.event_id].set()
+            record = await shop.h.settle(record.rollback_id)
+            assert record.state == RollbackState.COMPLETED
+            # At least once, same key: the abandoned attempt ran again (it
+            # counts against the retry budget: it may have been what crashed).
+            assert [(c.key, c.attempt) for c in shop.calls_of(stock)] == [
+                (shop.key(stock), 1),
+                (shop.key(stock), 2),
+            ]
+            assert [c.event_id for c in shop.calls[2:]] == [payment.event_id, order.event_id]
 
 
 # ------------------------------------------------------------------- late events

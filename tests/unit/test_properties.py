@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import inspect
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sagas.context import CompensationContext
 from sagas.definition import Saga
-from sagas.engine import EngineSettings
-from sagas.ledger import CompensationState
+from sagas.ledger import CompensationState, Ledger
 from sagas.ledger.records import TrackedEvent
 from sagas.planner import idempotency_key, plan_compensations
 from sagas.registry import SagaRegistry
@@ -97,10 +97,11 @@ def histories(draw: st.DrawFn, max_events: int = 12) -> list[Spec]:
     specs: list[Spec] = []
     for index in range(size):
         parent = draw(st.none() | st.integers(0, index - 1)) if index else None
+        # A narrow range: unrelated events often share a timestamp.
         at = (
-            draw(st.integers(0, 30))
+            draw(st.integers(0, 6))
             if parent is None
-            else specs[parent].at + draw(st.integers(1, 5))
+            else specs[parent].at + draw(st.integers(1, 3))
         )
         specs.append(
             Spec(
@@ -258,6 +259,7 @@ def test_children_before_parents_and_reverse_step_order(specs: list[Spec]) -> No
             await shop.emit(harness)
             record = await harness.rollback(BAD)
             compensated, state = expected(specs)
+            event(f"{min(len(compensated), 6)}{'+' if len(compensated) > 5 else ''} compensations")
 
             assert record.state == state, record.error
             order = sent_event_ids(harness)
@@ -378,92 +380,135 @@ def test_each_compensation_completes_once_whatever_signals_arrive(
 # ------------------------------------------------------------- (c) crash safety
 
 
-async def _run_until(harness: SagaTestHarness, rollback_id: str, reached: asyncio.Event) -> None:
-    """Advance the fake clock until `reached` is set or the run in this process ends."""
-    while not reached.is_set() and rollback_id in harness.engine.running():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reached.wait(), timeout=0.005)
-        if reached.is_set():
+class WorkerDied(Exception):
+    """Raised in place of a ledger call: the worker died just before making it."""
+
+
+@contextlib.contextmanager
+def dies_before_ledger_call(
+    ledger: Ledger, number: int, *, counts: Callable[[], bool]
+) -> Iterator[None]:
+    """Let `number` ledger calls through (those for which `counts()` is true), then die.
+
+    A real crash ends the process between two ledger transactions or inside
+    one (which the database rolls back): either way, as if the next call never happened.
+    """
+    made = 0
+    names = [
+        n
+        for n in dir(Ledger)
+        if not n.startswith("_") and n != "open" and inspect.iscoroutinefunction(getattr(Ledger, n))
+    ]
+
+    def doomed(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal made
+            if counts():
+                made += 1
+                if made > number:
+                    raise WorkerDied(f"died before ledger call {made} ({method.__name__})")
+            return await method(*args, **kwargs)
+
+        return call
+
+    for name in names:
+        setattr(ledger, name, doomed(getattr(ledger, name)))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(ledger, name)
+
+
+async def _run_until(harness: SagaTestHarness, done: Callable[[], bool]) -> None:
+    """Advance the fake clock until `done()` or until no run is left in this process."""
+    while not done() and harness.engine.running():
+        await asyncio.sleep(0.002)  # real work (SQLite I/O) happens in threads
+        if done():
             return
         deadline = harness.clock.next_deadline()
         if deadline is not None:
             await harness.clock.advance(max((deadline - harness.clock.now()).total_seconds(), 0))
 
 
+Crash = tuple[int, str, int]  # (handler calls before it, "stop" | "die", turns or ledger calls)
+
+
 @PROPERTY_SETTINGS
 @given(
     specs=histories(max_events=10),
     flaky=st.booleans(),
-    crash_in_signal=st.integers(-1, 12),
-    crash_points=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 6)), max_size=3),
+    die_in_signal=st.none() | st.integers(0, 12),
+    crashes=st.lists(
+        st.tuples(st.integers(0, 12), st.sampled_from(["stop", "die"]), st.integers(0, 8)),
+        max_size=3,
+    ),
 )
 def test_crashes_lose_nothing_and_never_redo_recorded_work(
-    specs: list[Spec],
-    flaky: bool,
-    crash_in_signal: int,
-    crash_points: list[tuple[int, int]],
+    specs: list[Spec], flaky: bool, die_in_signal: int | None, crashes: list[Crash]
 ) -> None:
     async def scenario() -> None:
         shop = Shop(specs, flaky=flaky)
         compensated, state = expected(specs)
-        reached = asyncio.Event()
-        target = 0
-
-        def on_call() -> None:
-            if len(shop.calls) >= target:
-                reached.set()
-
-        shop.on_call = on_call
-        # Recorded as done when each generation began: never to be run again.
+        keys = [s.key for s in compensated]
+        # What the ledger said was done when each generation of workers began:
+        # no handler of a later generation may run for it again.
         done_before: dict[int, set[str]] = {0: set()}
+        me = asyncio.current_task()
 
-        async with SagaTestHarness(shop.saga, settings=EngineSettings()) as harness:
+        async with SagaTestHarness(shop.saga) as harness:
             await shop.emit(harness)
 
-            async def crash() -> None:
-                await harness.engine.stop()  # the worker dies here
-                states = await harness.ledger.compensation_states(s.key for s in compensated)
+            async def restart() -> None:
+                await harness.engine.stop()
+                states = await harness.ledger.compensation_states(keys)
                 shop.generation += 1
                 done_before[shop.generation] = {k for k, v in states.items() if v in DONE}
-                await harness.crash_and_restart()  # a new worker resumes from the ledger
+                await harness.crash_and_restart()
 
             signal = harness.signal(BAD)
-            if crash_in_signal >= 0:
-                # Killed while accepting/planning the signal, after a few loop turns.
-                accepting = asyncio.create_task(harness.engine.handle_signal(signal))
-                for _ in range(crash_in_signal):
-                    await asyncio.sleep(0.0005)
-                accepting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await accepting
-                await crash()
+            if die_in_signal is not None:
+                # The worker dies while accepting or planning the signal.
+                with (
+                    dies_before_ledger_call(
+                        harness.ledger, die_in_signal, counts=lambda: asyncio.current_task() is me
+                    ),
+                    contextlib.suppress(WorkerDied),
+                ):
+                    await harness.engine.handle_signal(signal)
+                await restart()
             # Kafka redelivers the signal until its offset is committed.
             await harness.engine.handle_signal(signal)
 
-            for calls, turns in sorted(crash_points):
-                target = calls
-                reached.clear()
-                on_call()
-                await _run_until(harness, signal.signal_id, reached)
-                for _ in range(turns):
-                    await asyncio.sleep(0)
-                await crash()
+            for calls, how, amount in sorted(crashes):
+                await _run_until(harness, lambda: len(shop.calls) >= calls)  # noqa: B023
+                if how == "stop":
+                    for _ in range(amount):
+                        await asyncio.sleep(0)
+                else:
+                    # The run dies before its `amount`-th next ledger call.
+                    with dies_before_ledger_call(
+                        harness.ledger, amount, counts=lambda: asyncio.current_task() is not me
+                    ):
+                        await _run_until(harness, lambda: False)
+                await restart()
 
             record = await harness.settle(signal.signal_id)
+            runs = [key for _, key, _ in shop.calls]
+            event("a handler ran again" if len(runs) > len(set(runs)) else "no handler ran again")
 
             assert record.state == state, record.error
-            final = await harness.ledger.compensation_states(s.key for s in compensated)
-            assert final == dict.fromkeys((s.key for s in compensated), CompensationState.APPLIED)
+            final = await harness.ledger.compensation_states(keys)
+            assert final == dict.fromkeys(keys, CompensationState.APPLIED)
             # At least once, always with the same key...
-            called = {key for _, key, _ in shop.calls}
-            assert called == {s.key for s in compensated}
+            assert {key for _, key, _ in shop.calls} == set(keys)
             for command in harness.sent:
                 spec = shop.by_id[command.json()["event_id"]]
                 assert command.header(IDEMPOTENCY_KEY_HEADER) == spec.key
             # ...and never again once its outcome was recorded.
             for generation, key, event_id in shop.calls:
                 assert key not in done_before[generation], (
-                    f"{event_id} ran again in generation {generation} after being recorded done"
+                    f"{event_id} ran again in generation {generation} after it was recorded done"
                 )
             assert_order(specs, sent_event_ids(harness))
 

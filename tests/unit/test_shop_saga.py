@@ -34,7 +34,6 @@ from examples.shop.schemas import (
     OrderPlacedV1,
     PaymentRefunded,
     ShopTopics,
-    StockReleased,
 )
 from examples.shop.services import Shop, ShopService, confirmation_event_id
 from sagas.context import SentCommand
@@ -165,6 +164,15 @@ def test_topics_are_prefixable_and_the_saga_follows_them() -> None:
 # ------------------------------------------------------------------------ rollback
 
 
+async def _confirm_each(harness: SagaTestHarness, count: int, **payload: Any) -> None:
+    """Answer commands as the services would, one by one: within a saga instance
+    each step waits for the confirmation of the step undone before it."""
+    for index in range(count):
+        await wait_for(lambda n=index: len(harness.sent) > n, message=f"command {index + 1} sent")
+        command = harness.sent[index]
+        await harness.confirm(command, CONFIRMATION_OF[command.topic], **payload)
+
+
 async def test_rollback_of_bad_orders_deployment_undoes_children_before_the_order() -> None:
     async with SagaTestHarness(checkout) as harness:
         good = _checkout(harness, orders=ORDERS_STABLE)
@@ -172,14 +180,19 @@ async def test_rollback_of_bad_orders_deployment_undoes_children_before_the_orde
         await harness.emit(*good.events, *bad.events)
 
         record = await harness.rollback(BAD, settle=False)
-        await wait_for(lambda: len(harness.sent) == 3, message="three commands sent")
+        await _confirm_each(harness, 3, order_id=bad.order_id)
 
         sent = harness.sent
         assert _commands_for(sent, good.order_id) == []
         by_topic = {c.topic: c for c in sent}
         assert set(by_topic) == {"orders.commands", "payments.commands", "inventory.commands"}
-        # Children (payment, stock) are undone before the order they were caused by.
-        assert sent[-1].topic == "orders.commands"
+        # Children (payment, stock) are undone before the order they were caused
+        # by, and within the instance the latest step first.
+        assert [c.topic for c in sent] == [
+            "inventory.commands",
+            "payments.commands",
+            "orders.commands",
+        ]
 
         cancel = by_topic["orders.commands"].json()
         assert cancel["command"] == "CancelOrder"
@@ -207,8 +220,6 @@ async def test_rollback_of_bad_orders_deployment_undoes_children_before_the_orde
         assert None not in keys
         assert len(keys) == 3
 
-        for command in sent:
-            await harness.confirm(command, CONFIRMATION_OF[command.topic], order_id=bad.order_id)
         done = await harness.settle(record.rollback_id)
 
         assert done.state == RollbackState.COMPLETED_WITH_WARNINGS
@@ -238,9 +249,7 @@ async def test_v1_order_placed_is_upcast_and_cancelled() -> None:
         await harness.emit(*legacy.events)
 
         record = await harness.rollback(BAD, settle=False)
-        await wait_for(lambda: len(harness.sent) == 3, message="three commands sent")
-        for command in harness.sent:
-            await harness.confirm(command, CONFIRMATION_OF[command.topic])
+        await _confirm_each(harness, 3)
         done = await harness.settle(record.rollback_id)
 
         assert done.state == RollbackState.COMPLETED_WITH_WARNINGS
@@ -268,10 +277,7 @@ async def test_unconfirmed_refund_is_resent_with_the_same_key_until_attempts_run
         await harness.emit(*bad.events)
 
         record = await harness.rollback(BAD, settle=False)
-        await wait_for(lambda: len(harness.sent) >= 2, message="child commands sent")
-        for command in list(harness.sent):
-            if command.topic == "inventory.commands":
-                await harness.confirm(command, "StockReleased")
+        await _confirm_each(harness, 1)  # the stock release, undone first
         done = await harness.settle(record.rollback_id)
 
         refunds = [c for c in harness.sent if c.topic == "payments.commands"]
@@ -281,6 +287,9 @@ async def test_unconfirmed_refund_is_resent_with_the_same_key_until_attempts_run
         states = {i.event_type: i.state for i in await harness.compensations(record.rollback_id)}
         assert states["PaymentCaptured"] == CompensationState.FAILED
         assert states["StockReserved"] == CompensationState.CONFIRMED
+        # The order is not cancelled while its refund is unconfirmed (DESIGN §4).
+        assert states["OrderPlaced"] == CompensationState.BLOCKED
+        assert not [c for c in harness.sent if c.topic == "orders.commands"]
 
 
 async def test_confirmation_from_a_service_deployment_completes_the_step() -> None:
@@ -289,7 +298,8 @@ async def test_confirmation_from_a_service_deployment_completes_the_step() -> No
         bad = _checkout(harness, orders=ORDERS_BAD)
         await harness.emit(*bad.events)
         record = await harness.rollback(BAD, settle=False)
-        await wait_for(lambda: len(harness.sent) >= 2, message="child commands sent")
+        await _confirm_each(harness, 1)  # the stock release, undone first
+        await wait_for(lambda: len(harness.sent) >= 2, message="refund sent")
 
         refund = next(c for c in harness.sent if c.topic == "payments.commands")
         key = refund.header(IDEMPOTENCY_KEY_HEADER)
@@ -306,17 +316,6 @@ async def test_confirmation_from_a_service_deployment_completes_the_step() -> No
         assert result.confirmed_keys == [key]
         again = await harness.emit(confirmation)  # a re-emitted confirmation is a duplicate
         assert (again.duplicates, again.confirmed_keys) == (1, [])
-        release = next(c for c in harness.sent if c.topic == "inventory.commands")
-        await harness.emit(
-            make_envelope(
-                StockReleased(order_id=bad.order_id, lines=list(bad.lines)),
-                deployment=INVENTORY_STABLE,
-                correlation_id=bad.checkout_id,
-                key=bad.order_id,
-                causation_id=release.header(IDEMPOTENCY_KEY_HEADER),
-                occurred_at=harness.clock.now(),
-            )
-        )
         await wait_for(lambda: len(harness.sent) == 3, message="CancelOrder sent")
         await harness.confirm(harness.sent[-1], "OrderCancelled")
         done = await harness.settle(record.rollback_id)

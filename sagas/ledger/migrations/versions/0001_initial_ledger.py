@@ -43,6 +43,9 @@ def upgrade() -> None:
     with op.batch_alter_table("compensations", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_compensations_event_id"), ["event_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_compensations_state"), ["state"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_compensations_updated_at"), ["updated_at"], unique=False
+        )
 
     op.create_table(
         "dead_letters",
@@ -174,6 +177,7 @@ def downgrade() -> None:
     op.drop_table("deployments")
     op.drop_table("dead_letters")
     with op.batch_alter_table("compensations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_compensations_updated_at"))
         batch_op.drop_index(batch_op.f("ix_compensations_state"))
         batch_op.drop_index(batch_op.f("ix_compensations_event_id"))
 
