@@ -7,6 +7,8 @@ built on demand, and its runtime connects when the worker starts.
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -51,6 +53,10 @@ def create_app(
         # and its table-browsing endpoints stay off.
         web_enabled=False,
         autodiscover=False,
+        # faust creates this folder even with memory tables; keep it out of
+        # the working directory.
+        datadir=settings.data_dir
+        or str(Path(tempfile.gettempdir()) / f"backout-{settings.app_id}"),
     )
     runtime = Runtime(settings, registry=registry)
     setattr(app, _RUNTIME_ATTRIBUTE, runtime)

@@ -278,6 +278,9 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 env=env,
                 close_fds=True,
+                # Its own session: a terminal's Ctrl-C goes to our process
+                # group, and the broker must outlive the clients we stop first.
+                start_new_session=True,
             )
             self._wait_ready(timeout)
         except BaseException:

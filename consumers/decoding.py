@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -23,6 +24,36 @@ class Rejected:
     """A record that cannot be tracked, and why (goes to the DLQ)."""
 
     reason: str
+
+
+def _finite_float(text: str) -> float:
+    # `1e999` parses to inf: not representable in JSON, and PostgreSQL's json
+    # type refuses the `Infinity` it would be stored as (a poison batch).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of the float range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    # Python's json accepts NaN/Infinity; JSON (RFC 8259) and PostgreSQL do not.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _contains_nul(value: object) -> bool:
+    """True when a string (or an object key) anywhere in a JSON value holds NUL."""
+    stack: list[object] = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, str):
+            if "\x00" in current:
+                return True
+        elif isinstance(current, dict):
+            stack.extend(current.keys())
+            stack.extend(current.values())
+        elif isinstance(current, list):
+            stack.extend(current)
+    return False
 
 
 def nesting_depth(value: object) -> int:
@@ -107,13 +138,15 @@ class EventDecoder:
             text = value.decode("utf-8")
         except UnicodeDecodeError as exc:
             return Rejected(f"record value is not UTF-8: {exc}")
-        if "\x00" in text or "\\u0000" in text:
+        if "\x00" in text:
             return Rejected("record contains NUL characters, which the ledger cannot store")
         try:
-            document = json.loads(text)
+            document = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
         except RecursionError:
             return Rejected("record value nests too deeply to parse")
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:
+            # JSONDecodeError, NaN/Infinity, and integers over Python's
+            # 4300-digit conversion limit (a plain ValueError).
             return Rejected(f"record value is not JSON: {exc}")
         if not isinstance(document, dict):
             return Rejected(
@@ -122,6 +155,10 @@ class EventDecoder:
             )
         if nesting_depth(document) > MAX_NESTING:
             return Rejected(f"record nests deeper than {MAX_NESTING} levels")
+        # Checked on the parsed strings, not the text: `"\\u0000"` (an escaped
+        # backslash, then `u0000`) is six harmless characters, not a NUL.
+        if "\\u0000" in text and _contains_nul(document):
+            return Rejected("record contains NUL characters, which the ledger cannot store")
         try:
             return EventEnvelope.model_validate(document)
         except ValidationError as exc:

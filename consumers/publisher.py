@@ -118,7 +118,13 @@ class DeadLetters:
             source_partition=source_partition,
             source_offset=source_offset,
         )
-        await self.publisher.send(self.topic, value, key, [*headers, *letter.headers()])
+        ours = letter.headers()
+        # A record arriving with its own `backout-error`/`backout-source-*`
+        # headers would otherwise carry two of each, and readers that take the
+        # first would believe the forged ones.
+        reserved = {name for name, _ in ours}
+        kept = [(name, v) for name, v in headers if name not in reserved]
+        await self.publisher.send(self.topic, value, key, [*kept, *ours])
         try:
             await self.ledger.record_dead_letter(
                 topic=source_topic,

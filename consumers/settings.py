@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         default=0.5, gt=0, description="How often runs re-read the ledger for outside changes."
     )
     trace_file: str | None = Field(default=None, description="Console span exporter's file.")
+    data_dir: str | None = Field(
+        default=None,
+        description="faust's data folder (it keeps nothing there that matters: no tables); "
+        "default: <system temp folder>/backout-<app_id>.",
+    )
     log_level: str = Field(default="info", description="Log level of the worker.")
 
     @field_validator("unknown_events")

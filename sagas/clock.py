@@ -44,6 +44,9 @@ class FakeClock:
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
         self._sleepers: list[tuple[datetime, int, asyncio.Future[None]]] = []
+        # The task behind each sleeper: one being cancelled no longer counts,
+        # even before the cancellation has reached its future.
+        self._tasks: dict[int, asyncio.Task[object] | None] = {}
         self._sequence = itertools.count()
 
     def now(self) -> datetime:
@@ -57,17 +60,28 @@ class FakeClock:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         deadline = self._now + timedelta(seconds=seconds)
-        heapq.heappush(self._sleepers, (deadline, next(self._sequence), future))
-        await future
+        sequence = next(self._sequence)
+        self._tasks[sequence] = asyncio.current_task()
+        heapq.heappush(self._sleepers, (deadline, sequence, future))
+        try:
+            await future
+        finally:
+            self._tasks.pop(sequence, None)
+
+    def _live(self, sequence: int, future: asyncio.Future[None]) -> bool:
+        if future.done():
+            return False
+        task = self._tasks.get(sequence)
+        return task is None or not task.cancelling()
 
     @property
     def sleepers(self) -> int:
         """How many tasks are waiting on this clock."""
-        return sum(1 for _, _, f in self._sleepers if not f.done())
+        return sum(1 for _, n, f in self._sleepers if self._live(n, f))
 
     def next_deadline(self) -> datetime | None:
         """The earliest time a sleeper waits for, if any."""
-        live = [d for d, _, f in self._sleepers if not f.done()]
+        live = [d for d, n, f in self._sleepers if self._live(n, f)]
         return min(live) if live else None
 
     async def advance(self, seconds: float) -> None:

@@ -472,12 +472,19 @@ class RollbackEngine:
             return
         effects = await self._compensation_effects(events)
         candidates = [e for e in events if e.event_id not in effects]
+        if not candidates:
+            return
         parents = await self.ledger.events_by_id(
             e.causation_id for e in candidates if e.causation_id
         )
+        # Only these ids are ever looked up in `planned`: reading just them
+        # keeps a tracked batch's cost independent of the size of the plans.
+        relevant = {e.event_id for e in candidates} | {
+            e.causation_id for e in candidates if e.causation_id
+        }
         for record in open_rollbacks:
             deployments = set((record.deployment_id or "").split(","))
-            planned = {c.event_id for c in await self.ledger.plan_items(record.rollback_id)}
+            planned = await self.ledger.planned_event_ids(record.rollback_id, relevant)
             cascade = bool(record.signal.get("cascade", True))
             late = [
                 e
@@ -496,7 +503,8 @@ class RollbackEngine:
                 )
             ]
             if late:
-                await self._add_late(record, late, first_position=len(planned))
+                first_position = await self.ledger.planned_event_count(record.rollback_id)
+                await self._add_late(record, late, first_position=first_position)
 
     async def _add_late(
         self, record: RollbackRecord, late: list[TrackedEvent], *, first_position: int

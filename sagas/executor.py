@@ -117,6 +117,11 @@ class RollbackRun:
         self._items: dict[str, _Item] = {}
         self._events: dict[str, TrackedEvent] = {}
         self._wake = asyncio.Event()
+        # Set by `wake()`: re-read the ledger at the next turn of the loop. A
+        # confirmation tracked in this process only wakes the loop: it is
+        # applied in memory already, and re-reading the ledger after every
+        # tracked batch would cost a query per batch.
+        self._reload = False
         self._inflight: dict[asyncio.Task[Outcome], str] = {}
         self._running_here: set[str] = set()
         # Keys whose dependencies are done and that are pending; the heap
@@ -135,9 +140,13 @@ class RollbackRun:
         self._last_refresh: datetime | None = None
         self._check_pause = True
         self._stopping = False
+        # True while the run only waits for time or a wake-up: nothing of its
+        # own is in flight (the test harness advances a fake clock only then).
+        self.idle = False
 
     def wake(self) -> None:
         """Re-check the ledger now (new confirmations, late items, operator action)."""
+        self._reload = True
         self._wake.set()
 
     def stop(self) -> None:
@@ -323,11 +332,9 @@ class RollbackRun:
                 return RunResult(finished=finished, failed=failed, paused=False)
             await self._wait(now)
             await self._collect()
-            if (
-                self._wake.is_set()
-                or (self.clock.now() - last_poll).total_seconds() >= self.poll_interval
-            ):
-                self._wake.clear()
+            self._wake.clear()
+            if self._reload or (self.clock.now() - last_poll).total_seconds() >= self.poll_interval:
+                self._reload = False
                 last_poll = self.clock.now()
                 self._check_pause = True
                 await self._load()
@@ -435,9 +442,11 @@ class RollbackRun:
         sleeper = asyncio.ensure_future(self.clock.sleep(delay))
         woken = asyncio.ensure_future(self._wake.wait())
         waiters |= {sleeper, woken}
+        self.idle = not self._inflight
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.idle = False
             for helper in (sleeper, woken):
                 if not helper.done():
                     helper.cancel()

@@ -273,6 +273,11 @@ class SagaTestHarness:
             done, _ = await asyncio.wait({task}, timeout=0.02)
             if done:
                 continue
+            run = self.engine._runs.get(rollback_id)
+            if run is None or not run.idle:
+                # A handler or a ledger write is still going: time only moves
+                # when the run has nothing left to do but wait for it.
+                continue
             deadline = self.clock.next_deadline()
             if deadline is None:
                 continue

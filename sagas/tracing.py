@@ -95,12 +95,19 @@ def current_headers(context: Context | None = None) -> list[tuple[str, bytes]]:
 
 
 def traceparent_of(headers: Iterable[tuple[str, bytes]] | None) -> tuple[str | None, str | None]:
-    """The raw (traceparent, tracestate) header values, for storing with an event."""
+    """The raw (traceparent, tracestate) header values, for storing with an event.
+
+    W3C trace context is printable ASCII; anything else (NUL bytes, binary
+    garbage) is treated as absent: PostgreSQL refuses NUL in text, and one
+    such header would otherwise fail its whole tracking batch, forever.
+    """
     found: dict[str, str] = {}
     for name, value in headers or ():
         lowered = name.lower()
         if lowered in ("traceparent", "tracestate") and value is not None and lowered not in found:
-            found[lowered] = value.decode("latin-1")[:512]
+            text = value.decode("latin-1")[:512]
+            if text.isascii() and text.isprintable():
+                found[lowered] = text
     return found.get("traceparent"), found.get("tracestate")
 
 

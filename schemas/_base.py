@@ -13,7 +13,12 @@ def _require_utc(value: datetime) -> datetime:
     # it is rejected rather than guessed. Any offset is accepted and normalised.
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("time must carry a UTC offset (RFC 3339), e.g. 2026-01-31T12:00:00Z")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+01:00 is a valid RFC 3339 time with no UTC datetime;
+        # pydantic only turns ValueError into a validation error.
+        raise ValueError("time is out of range once converted to UTC (years 1-9999)") from None
 
 
 def format_time(value: datetime) -> str:

@@ -45,6 +45,10 @@ class RollbackSignal(WireModel):
             raise ValueError("service and service_version must be given together")
         if self.since is not None and self.until is not None and self.since > self.until:
             raise ValueError("since must not be after until")
+        # PostgreSQL cannot store NUL in text: such a signal would fail in the
+        # ledger instead of being rejected with a reason.
+        if any(isinstance(v, str) and "\x00" in v for v in self.__dict__.values()):
+            raise ValueError("text fields must not contain NUL characters")
         return self
 
     @property

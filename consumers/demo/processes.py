@@ -44,8 +44,15 @@ def backout_argv(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("backout")
     if script.exists():
         return [str(script), *args]
-    # Not installed as a console script (a bare checkout on PYTHONPATH).
-    return [sys.executable, "-c", "from consumers.cli import main; main()", *args]
+    # Not installed as a console script (a bare checkout on PYTHONPATH): the
+    # child runs elsewhere, so point it at the code this process runs.
+    code = str(Path(__file__).resolve().parents[2])
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {code!r}); from consumers.cli import main; main()",
+        *args,
+    ]
 
 
 class StopRequests:
@@ -150,6 +157,9 @@ class WorkerProcess:
         self.process = subprocess.Popen(
             backout_argv("worker"),
             env=self.env,
+            # faust keeps a `<app id>-data` folder in its working directory:
+            # in the demo's folder it goes away with the rest.
+            cwd=self.log_path.parent,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

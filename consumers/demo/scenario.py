@@ -220,10 +220,13 @@ class Scenario:
             placing = asyncio.gather(
                 *(shop.place_demo_orders(n, deployment=deployment) for n in sizes)
             )
-            while not placing.done():
-                progress.update(task, completed=len(shop.checkouts) - before)
-                await asyncio.wait([placing], timeout=0.1)
-            await placing
+            try:
+                while not placing.done():
+                    progress.update(task, completed=len(shop.checkouts) - before)
+                    await asyncio.wait([placing], timeout=0.1)
+                await placing
+            finally:
+                placing.cancel()  # when we were cancelled: asyncio.wait leaves it running
             progress.update(task, completed=len(shop.checkouts) - before)
         seconds = time.monotonic() - started
         placed = shop.checkouts_of(deployment.deployment_id)

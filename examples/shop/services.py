@@ -242,6 +242,8 @@ class ShopService(ABC):
         try:
             await consumer.start()
         except BaseException:
+            # A failed or cancelled start still owns sockets: close both.
+            await consumer.stop()
             await producer.stop()
             raise
         self._producer, self._consumer = producer, consumer

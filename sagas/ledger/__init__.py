@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
 from sqlalchemy import text
 
 from sagas.ledger.connection import create_engine, migrate
@@ -49,6 +54,45 @@ class Ledger(EventStore, RollbackStore):
     async def close(self) -> None:
         """Release every connection."""
         await self.engine.dispose()
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+# Methods that write. Each runs to its end even when its caller is cancelled:
+# on SQLite a write cut mid-statement leaves a connection holding the write
+# lock until it is garbage-collected, and every other writer then waits out
+# the busy timeout (30 s stalls were measured on worker restarts). The caller
+# still sees the cancellation; only the transaction is allowed to finish.
+WRITE_METHODS = (
+    "track",
+    "create_rollback",
+    "set_rollback_state",
+    "set_deployment_of",
+    "save_plan",
+    "add_items",
+    "add_manual",
+    "claim",
+    "record_outcomes",
+    "expire_confirmations",
+    "set_states",
+    "release_claims",
+    "retry_compensation",
+    "skip_compensation",
+    "record_dead_letter",
+)
+
+
+def _uncancellable(method: _Method) -> _Method:
+    @functools.wraps(method)
+    async def shielded(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        return await asyncio.shield(task)
+
+    return shielded  # type: ignore[return-value]  # same signature, wrapped
+
+
+for _name in WRITE_METHODS:
+    setattr(Ledger, _name, _uncancellable(getattr(Ledger, _name)))
 
 
 __all__ = [

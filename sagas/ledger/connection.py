@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# Key of the PostgreSQL advisory lock that serialises migrations ("backout").
+MIGRATION_LOCK_KEY = 0x6261636B6F7574
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -45,6 +47,20 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Apply every Alembic migration not yet applied (idempotent)."""
+    """Apply every Alembic migration not yet applied (idempotent).
+
+    Workers started together on a new ledger would otherwise all find it
+    empty and all create the tables (all but one then crash): a lock is
+    taken before Alembic reads the schema version, so each one after the
+    first finds the schema up to date.
+    """
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
+        elif connection.dialect.name == "sqlite":
+            # The write lock, waiting up to the busy timeout; the migration
+            # runs in this transaction (SQLite's DDL is transactional).
+            await connection.exec_driver_sql("BEGIN IMMEDIATE")
         await connection.run_sync(_upgrade)

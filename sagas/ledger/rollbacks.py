@@ -338,6 +338,41 @@ class RollbackStore:
         async with self.engine.connect() as conn:
             return [compensation_from_row(r) for r in (await conn.execute(query)).all()]
 
+    async def planned_event_ids(self, rollback_id: str, among: Iterable[str]) -> set[str]:
+        """Which of the event ids `among` the plan of `rollback_id` covers.
+
+        Costs what `among` holds, not the size of the plan: the tracker asks
+        this for every batch while a rollback's quarantine is open.
+        """
+        ids = sorted(set(among))
+        found: set[str] = set()
+        query = select(t.compensations.c.event_id).join(
+            t.rollback_items,
+            and_(
+                t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
+                t.rollback_items.c.rollback_id == rollback_id,
+            ),
+        )
+        async with self.engine.connect() as conn:
+            for part in chunks(ids):
+                result = await conn.execute(query.where(t.compensations.c.event_id.in_(part)))
+                found.update(result.scalars().all())
+        return found
+
+    async def planned_event_count(self, rollback_id: str) -> int:
+        """How many distinct events the plan of `rollback_id` covers."""
+        async with self.engine.connect() as conn:
+            result = await conn.execute(
+                select(func.count(func.distinct(t.compensations.c.event_id))).join(
+                    t.rollback_items,
+                    and_(
+                        t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
+                        t.rollback_items.c.rollback_id == rollback_id,
+                    ),
+                )
+            )
+            return int(result.scalar_one())
+
     async def changed_compensations(
         self, rollback_id: str, *, since: datetime
     ) -> list[CompensationRecord]:

@@ -33,6 +33,7 @@ from schemas.status import RollbackState
 from tests.support.waiting import wait_for
 
 S = CompensationState
+DONE = {S.APPLIED, S.CONFIRMED}
 DEPLOYMENT = "orders-2.0"
 INSTANT = 1e-6  # timedelta resolution: one microsecond
 # One process, so confirmations and operator actions wake the run directly; a
@@ -187,6 +188,14 @@ class Shop:
         record = await self.h.ledger.get_compensation(self.key(event))
         assert record is not None, f"{event.event_type} {event.event_id} was never planned"
         return record.state
+
+    async def until_state(self, event: EventEnvelope, state: S) -> None:
+        """Wait (real time, briefly) until the ledger holds `state` for `event`'s compensation."""
+
+        async def reached() -> bool:
+            return await self.state_of(event) == state
+
+        await wait_for(reached, timeout=5.0, interval=0.002, message=f"{event.event_type} {state}")
 
     def key(self, event: EventEnvelope) -> str:
         step = {
@@ -530,6 +539,8 @@ class TestConfirmations:
             await shop.h.emit(paid)
             record = await shop.h.rollback(DEPLOYMENT, settle=False)
             await until(lambda: len(shop.h.sent) == 1, "first refund sent")
+            # The deadline counts from the handler's return: let its outcome land first.
+            await shop.until_state(paid, S.APPLIED)
             await shop.h.clock.advance(9.9)
             await asyncio.sleep(0.01)
             assert len(shop.calls) == 1
@@ -554,6 +565,7 @@ class TestConfirmations:
             await shop.h.emit(paid)
             record = await shop.h.rollback(DEPLOYMENT, settle=False)
             await until(lambda: len(shop.h.sent) == 1, "first refund sent")
+            await shop.until_state(paid, S.APPLIED)
             await shop.h.clock.advance(10)
             await until(lambda: len(shop.h.sent) == 2, "refund sent again")
             # The slow service finally answers the first command: same key, so it confirms.
@@ -968,20 +980,19 @@ class TestStopAndRestart:
             for name in names:
                 setattr(ledger, name, watched(name, getattr(ledger, name)))
             record = await shop.h.rollback(DEPLOYMENT, settle=False)
-            done_at_restart: list[set[str]] = []
+            restarts: list[tuple[int, set[str]]] = []  # (calls so far, keys recorded done)
             for pause in [0.0, 0.001, 0.002, 0.0005, 0.003, 0.0, 0.001, 0.004]:
                 await asyncio.sleep(pause)
-                calls_before = len(shop.calls)
                 await shop.h.engine.stop()
                 states = await ledger.compensation_states(shop.key(e) for e in events)
-                done_at_restart.append({k for k, v in states.items() if v == S.APPLIED})
+                restarts.append((len(shop.calls), {k for k, v in states.items() if v in DONE}))
                 await shop.h.crash_and_restart()
-                # Nothing recorded done before this restart runs again after it.
-                await asyncio.sleep(0)
-                assert not {c.key for c in shop.calls[calls_before:]} & done_at_restart[-1]
             record = await shop.h.settle(record.rollback_id)
 
             assert cut == []
+            for calls_before, done in restarts:
+                # Nothing recorded done before a restart ran again after it.
+                assert not {c.key for c in shop.calls[calls_before:]} & done
             assert record.state == RollbackState.COMPLETED
             assert {c.key for c in shop.calls} == {shop.key(e) for e in events}
             assert {await shop.state_of(e) for e in events} == {S.APPLIED}

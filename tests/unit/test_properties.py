@@ -153,7 +153,6 @@ class Shop:
     flaky: bool = False
     generation: int = 0
     calls: list[tuple[int, str, str]] = field(default_factory=list)  # (generation, key, event)
-    finished: list[str] = field(default_factory=list)  # event ids, in order of completion
     on_call: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
@@ -182,7 +181,6 @@ class Shop:
             await ctx.send(f"{SERVICE[event_type]}.commands", {"event_id": spec.event_id})
             for _ in range(spec.yields):
                 await asyncio.sleep(0)
-            self.finished.append(spec.event_id)
 
         handler.__name__ = f"undo_{event_type}"
         return handler

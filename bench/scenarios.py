@@ -1,0 +1,491 @@
+"""The four scenarios: tracking, rollback, memory, peer.
+
+Each scenario starts its own embedded broker; every run gets topics, a
+consumer group and a ledger database of its own, so runs do not see each
+other's data. Producing the input is never timed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as signals
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from bench.probe import LedgerProbe
+from bench.procs import (
+    REPO,
+    BenchError,
+    Child,
+    Database,
+    Worker,
+    broker,
+    child_env,
+    database,
+    peak_rss_mb,
+    postgres_available,
+    run_json,
+)
+from bench.report import Row
+from bench.workload import Workload, create_topics, envelopes, produce
+from consumers.client import signal_record
+from schemas.signal import RollbackSignal
+
+DBOS_PYTHON = REPO / "bench" / ".venv-dbos" / "bin" / "python"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each scenario does."""
+
+    tracking: int
+    rollback: tuple[int, ...]
+    memory: int
+    peer: int
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls(tracking=200_000, rollback=(1_000, 10_000, 100_000), memory=1_000_000,
+                   peer=10_000)
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(tracking=5_000, rollback=(200, 1_000), memory=20_000, peer=200)
+
+
+@dataclass
+class Bench:
+    """One invocation of `python -m bench`."""
+
+    sizes: Sizes
+    runs: int
+    databases: list[str]
+    workdir: Path
+    log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
+    rows: list[Row] = field(default_factory=list)
+    # (database kind, size) -> Backout compensations/s of each run, for the peer row.
+    rollback_rates: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+
+    def _prefix(self, tag: str) -> str:
+        return f"{tag}-{uuid.uuid4().hex[:8]}."
+
+    def _worker_settings(self, db: Database, workload: Workload) -> dict[str, str]:
+        return {
+            "BACKOUT_DATABASE_URL": db.url,
+            "BACKOUT_SAGAS": "bench.saga",
+            "BACKOUT_EVENT_TOPICS": ",".join(workload.event_topics),
+            "BACKOUT_APP_ID": f"bench-{uuid.uuid4().hex[:10]}",
+            "BACKOUT_MAX_COMPENSATIONS": "100000000",
+            "BENCH_TOPIC_PREFIX": workload.prefix,
+        }
+
+    def _worker(self, bootstrap: str, db: Database, workload: Workload, tag: str) -> Worker:
+        settings = self._worker_settings(db, workload)
+        settings["BACKOUT_BROKER"] = f"kafka://{bootstrap}"
+        return Worker(settings, self.workdir / f"worker-{tag}-{uuid.uuid4().hex[:6]}.log")
+
+    # ---------------------------------------------------------------- tracking
+
+    async def tracking(self) -> None:
+        n = self.sizes.tracking
+        results: dict[str, tuple[list[float], list[float]]] = {
+            kind: ([], []) for kind in self.databases
+        }
+        with broker(self.workdir) as kafka:
+            for run in range(self.runs):
+                for kind in self.databases:
+                    workload = Workload(self._prefix(f"track{run}"))
+                    await create_topics(kafka.bootstrap, workload.event_topics)
+                    await produce(kafka.bootstrap, envelopes(workload, n))
+                    order = ("worker", "raw") if run % 2 == 0 else ("raw", "worker")
+                    for who in order:
+                        async with database(kind, self.workdir) as db:
+                            if who == "worker":
+                                rate = await self._track_with_worker(kafka.bootstrap, db, workload, n)
+                                results[kind][0].append(rate)
+                            else:
+                                rate = await self._track_raw(kafka.bootstrap, db, workload, n)
+                                results[kind][1].append(rate)
+                    worker_rate, raw_rate = results[kind][0][-1], results[kind][1][-1]
+                    self.log(
+                        f"tracking {kind} run {run + 1}/{self.runs}: worker {worker_rate:,.0f} "
+                        f"ev/s, raw {raw_rate:,.0f} ev/s ({worker_rate / raw_rate:.2f}x)"
+                    )
+        for kind in self.databases:
+            self.rows.append(
+                Row(
+                    scenario="tracking",
+                    case=f"{_label(kind)}, {n:,} envelopes",
+                    metric="events/s into the ledger",
+                    unit="ev/s",
+                    values=results[kind][0],
+                    baseline=results[kind][1],
+                    baseline_label="raw aiokafka + Core insert",
+                    target=0.8,
+                    target_label="≥ 0.8× raw",
+                )
+            )
+
+    async def _track_with_worker(
+        self, bootstrap: str, db: Database, workload: Workload, n: int
+    ) -> float:
+        worker = self._worker(bootstrap, db, workload, "track")
+        probe = LedgerProbe(db)
+        worker.start()
+        try:
+            return await probe.wait_for_events(n, worker, timeout=60 + n / 500)
+        finally:
+            worker.stop()
+            await probe.close()
+
+    async def _track_raw(self, bootstrap: str, db: Database, workload: Workload, n: int) -> float:
+        raw = Child(
+            [
+                sys.executable, "-m", "bench.raw", "track",
+                "--bootstrap", bootstrap,
+                "--topics", ",".join(workload.event_topics),
+                "--url", db.url,
+                "--events", str(n),
+                "--batch", "2000",
+            ],
+            child_env({}),
+            self.workdir / f"raw-track-{uuid.uuid4().hex[:6]}.log",
+        )
+        probe = LedgerProbe(db)
+        raw.start()
+        try:
+            return await probe.wait_for_events(n, raw, timeout=60 + n / 500)
+        finally:
+            raw.stop()
+            await probe.close()
+
+    # ---------------------------------------------------------------- rollback
+
+    async def rollback(self) -> None:
+        with broker(self.workdir) as kafka:
+            for kind in self.databases:
+                per_size: dict[int, list[dict[str, float]]] = {}
+                for size in self.sizes.rollback:
+                    per_size[size] = []
+                    for run in range(self.runs):
+                        result = await self._rollback_run(kafka.bootstrap, kind, size)
+                        per_size[size].append(result)
+                        self.log(
+                            f"rollback {kind} {size:,} run {run + 1}/{self.runs}: applied in "
+                            f"{result['applied_s']:.2f}s, confirmed in {result['confirmed_s']:.2f}s"
+                            f" ({size / result['applied_s']:,.0f}/s), raw "
+                            f"{result['raw_rate']:,.0f}/s"
+                        )
+                self._rollback_rows(kind, per_size)
+
+    def _rollback_rows(self, kind: str, per_size: dict[int, list[dict[str, float]]]) -> None:
+        label = _label(kind)
+        for size, results in per_size.items():
+            case = f"{label}, {size:,} events"
+            rates = [size / r["applied_s"] for r in results]
+            self.rollback_rates[(kind, size)] = rates
+            self.rows.append(
+                Row(
+                    "rollback", case, "compensations/s (signal → all applied)", "/s",
+                    values=rates,
+                    baseline=[r["raw_rate"] for r in results],
+                    baseline_label="raw read + produce",
+                    target=0.2,
+                    target_label="≥ 0.2× raw",
+                )
+            )
+            self.rows.append(
+                Row(
+                    "rollback", case, "signal → all applied", "s",
+                    values=[r["applied_s"] for r in results], higher_is_better=False,
+                )
+            )
+            self.rows.append(
+                Row(
+                    "rollback", case, "signal → all confirmed", "s",
+                    values=[r["confirmed_s"] for r in results], higher_is_better=False,
+                )
+            )
+            trips = [r["round_trip_ms"] for r in results if r["round_trip_ms"] >= 0]
+            self.rows.append(
+                Row(
+                    "rollback", case, "applied → confirmed (median)", "ms",
+                    values=trips, higher_is_better=False,
+                )
+            )
+        sizes = sorted(per_size)
+        if len(sizes) >= 2:
+            small, large = sizes[-2], sizes[-1]
+            ratios = [
+                (b["applied_s"] / large) / (a["applied_s"] / small)
+                for a, b in zip(per_size[small], per_size[large], strict=False)
+            ]
+            self.rows.append(
+                Row(
+                    "rollback",
+                    f"{label}, linearity",
+                    f"time/event at {large:,} ÷ at {small:,}",
+                    "×",
+                    values=ratios,
+                    higher_is_better=False,
+                    target=1.5,
+                    target_label="≤ 1.5",
+                )
+            )
+
+    async def _rollback_run(self, bootstrap: str, kind: str, size: int) -> dict[str, float]:
+        workload = Workload(self._prefix("undo"))
+        await create_topics(bootstrap, workload.event_topics + workload.command_topics)
+        await produce(bootstrap, envelopes(workload, size))
+        raw = await run_json(
+            [
+                sys.executable, "-m", "bench.raw", "rollback",
+                "--bootstrap", bootstrap,
+                "--topics", ",".join(workload.event_topics),
+                "--command-topic", f"{workload.prefix}raw.commands",
+                "--events", str(size),
+            ],
+            child_env({}),
+            self.workdir / f"raw-undo-{uuid.uuid4().hex[:6]}.log",
+            timeout=120 + size / 100,
+        )
+        async with database(kind, self.workdir) as db:
+            result = await self.undo(bootstrap, db, workload, size)
+        result["raw_rate"] = raw["events"] / raw["seconds"]
+        return result
+
+    async def undo(
+        self, bootstrap: str, db: Database, workload: Workload, size: int
+    ) -> dict[str, float]:
+        """Track `size` events (not timed), then time one rollback of them."""
+        services = Child(
+            [sys.executable, "-m", "bench.services", "--bootstrap", bootstrap,
+             "--prefix", workload.prefix],
+            child_env({}),
+            self.workdir / f"services-{uuid.uuid4().hex[:6]}.log",
+        )
+        worker = self._worker(bootstrap, db, workload, "undo")
+        probe = LedgerProbe(db)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        services.start()
+        worker.start()
+        profiler: Child | None = None
+        try:
+            await worker.wait_ready()
+            await probe.wait_for_events(size, worker, timeout=60 + size / 200)
+            await producer.start()
+            profiler = self._profiler(worker, f"undo-{size}")
+            signal = RollbackSignal(
+                signal_id=f"bench-{uuid.uuid4().hex[:12]}",
+                deployment_id=workload.deployment_id,
+                reason="benchmark",
+                requested_by="bench",
+                force=True,
+                issued_at=datetime.now(UTC),
+            )
+            key, value, headers = signal_record(signal, None)
+            published = datetime.now(UTC)
+            await producer.send_and_wait("backout.rollbacks", value, key=key, headers=headers)
+            state = await probe.wait_terminal(signal.signal_id, worker, timeout=120 + size / 50)
+            services.check_alive("bench services")
+            times = await probe.compensation_times()
+            if state != "completed" or times["states"].get("confirmed", 0) != size:
+                raise BenchError(
+                    f"rollback ended {state} with {times['states']} (expected {size:,} confirmed)"
+                )
+            applied = (times["last_applied"] - published).total_seconds()
+            confirmed = (times["last_confirmed"] - published).total_seconds()
+            trip = times["round_trip_median"]
+            return {
+                "applied_s": applied,
+                "confirmed_s": confirmed,
+                "round_trip_ms": trip * 1000 if trip is not None else -1.0,
+                "peak_rss_mb": peak_rss_mb(worker.pid) or 0.0,
+            }
+        finally:
+            if profiler is not None:
+                profiler.stop(timeout=60, how=signals.SIGINT)
+            await producer.stop()
+            worker.stop()
+            services.stop()
+            await probe.close()
+
+    def _profiler(self, worker: Worker, tag: str) -> Child | None:
+        """py-spy on the worker when `$BENCH_PROFILE` names a folder (collapsed stacks)."""
+        folder = os.environ.get("BENCH_PROFILE")
+        if not folder:
+            return None
+        py_spy = Path(sys.executable).with_name("py-spy")
+        out = Path(folder) / f"{tag}-{uuid.uuid4().hex[:6]}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        profiler = Child(
+            [str(py_spy), "record", "--pid", str(worker.pid), "--format", "raw",
+             "--rate", "200", "--output", str(out)],
+            child_env({}),
+            self.workdir / f"py-spy-{tag}.log",
+        )
+        profiler.start()
+        time.sleep(0.5)  # let it attach before the measured part starts
+        self.log(f"profiling the worker into {out}")
+        return profiler
+
+    # ------------------------------------------------------------------ memory
+
+    async def memory(self) -> None:
+        n = self.sizes.memory
+        peaks: list[float] = []
+        for run in range(self.runs):
+            with broker(self.workdir) as kafka:
+                workload = Workload(self._prefix("mem"))
+                await create_topics(kafka.bootstrap, workload.event_topics)
+                await produce(kafka.bootstrap, envelopes(workload, n))
+                async with database("sqlite", self.workdir) as db:
+                    worker = self._worker(kafka.bootstrap, db, workload, "mem")
+                    probe = LedgerProbe(db)
+                    worker.start()
+                    try:
+                        await probe.wait_for_events(n, worker, timeout=120 + n / 300)
+                        peak = peak_rss_mb(worker.pid)
+                    finally:
+                        worker.stop()
+                        await probe.close()
+                if peak is None:
+                    raise BenchError("could not read the worker's VmHWM from /proc")
+                peaks.append(peak)
+                self.log(f"memory run {run + 1}/{self.runs}: worker peak RSS {peak:.0f} MB")
+        self.rows.append(
+            Row(
+                "memory",
+                f"SQLite, {n:,} events tracked",
+                "worker peak RSS (VmHWM)",
+                "MB",
+                values=peaks,
+                higher_is_better=False,
+                target=250,
+                target_label="≤ 250 MB",
+            )
+        )
+
+    # -------------------------------------------------------------------- peer
+
+    async def peer(self) -> None:
+        size = self.sizes.peer
+        case = f"{size:,} events ({size // 4:,} workflows)"
+        row = Row(
+            "peer", case, "compensations/s vs DBOS workflows", "/s",
+            baseline_label="DBOS 4-step workflows",
+            target=50,
+            target_label="≥ 50× DBOS",
+        )
+        self.rows.append(row)
+        missing = _dbos_missing()
+        if missing:
+            row.note = f"skipped: {missing}"
+            self.log(f"peer: {row.note}")
+            return
+        pg_problem = await postgres_available()
+        kind = "postgres" if pg_problem is None and "postgres" in self.databases else "sqlite"
+        row.case += f", Backout on {_label(kind)}"
+        known = self.rollback_rates.get((kind, size), [])
+        with broker(self.workdir) as kafka:
+            for run in range(self.runs):
+                workload = Workload(self._prefix("peer"))
+                await create_topics(kafka.bootstrap, workload.event_topics)
+                await produce(kafka.bootstrap, envelopes(workload, size))
+                dbos = await self._dbos_run(kafka.bootstrap, workload, size, pg_problem is None)
+                if run < len(known):
+                    ours = known[run]
+                else:
+                    async with database(kind, self.workdir) as db:
+                        await create_topics(kafka.bootstrap, workload.command_topics)
+                        ours = size / (await self.undo(kafka.bootstrap, db, workload, size))[
+                            "applied_s"
+                        ]
+                row.values.append(ours)
+                row.baseline.append(dbos)
+                self.log(
+                    f"peer run {run + 1}/{self.runs}: Backout {ours:,.0f}/s, DBOS {dbos:,.0f}/s"
+                )
+        if pg_problem is not None:
+            row.note = f"DBOS on SQLite (PostgreSQL unavailable: {pg_problem})"
+
+    async def _dbos_run(self, bootstrap: str, workload: Workload, size: int, pg: bool) -> float:
+        import asyncpg
+
+        name = f"bench_dbos_{uuid.uuid4().hex[:10]}"
+        if pg:
+            url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        else:
+            url = f"sqlite:///{self.workdir / name}.sqlite"
+        try:
+            result = await run_json(
+                [
+                    str(DBOS_PYTHON), str(REPO / "bench" / "peer_dbos.py"),
+                    "--bootstrap", bootstrap,
+                    "--topics", ",".join(workload.event_topics),
+                    "--prefix", workload.prefix,
+                    "--events", str(size),
+                    "--database-url", url,
+                ],
+                child_env({}),
+                self.workdir / f"dbos-{uuid.uuid4().hex[:6]}.log",
+                timeout=300 + size / 10,
+            )
+        finally:
+            if pg:
+                admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres")
+                try:
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                finally:
+                    await admin.close()
+        return float(result["events"]) / float(result["seconds"])
+
+
+def _dbos_missing() -> str | None:
+    """None when the DBOS virtualenv is usable, else why not."""
+    if not DBOS_PYTHON.exists():
+        return (
+            f"no DBOS virtualenv at {DBOS_PYTHON.parent.parent} (create it with "
+            "`python3 -m venv bench/.venv-dbos && bench/.venv-dbos/bin/pip install dbos aiokafka`"
+            "; dbos pins a croniter that conflicts with faust's, so it has its own venv)"
+        )
+    import subprocess
+
+    probe = subprocess.run(
+        [str(DBOS_PYTHON), "-c", "import dbos, aiokafka"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"dbos is not importable in {DBOS_PYTHON}: {probe.stderr.strip()[-300:]}"
+    return None
+
+
+def _label(kind: str) -> str:
+    return "SQLite" if kind == "sqlite" else "PostgreSQL"
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    """median/min/max of a list (for the JSON output)."""
+    if not values:
+        return {}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+async def run_all(bench: Bench, only: list[str]) -> None:
+    """Run the chosen scenarios in a fixed order (rollback before peer: peer reuses it)."""
+    started = time.monotonic()
+    for name in ("tracking", "rollback", "memory", "peer"):
+        if name in only:
+            await getattr(bench, name)()
+    bench.log(f"benchmark finished in {time.monotonic() - started:.0f}s")
+
+
+__all__ = ["Bench", "Sizes", "run_all"]

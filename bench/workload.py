@@ -1,0 +1,131 @@
+"""Generating and producing the benchmark's events (not timed).
+
+Envelopes follow the wire contract (DESIGN §2.1). One saga instance is four
+events chained by `causation_id` across three services (see `bench.saga`);
+the orders service's events come from the deployment the rollback undoes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from bench.saga import SERVICES, STEPS, command_topic, event_topic
+
+PARTITIONS = 4
+SERVICE_DEPLOYMENTS = {"payments": "bench-payments-1.0", "stock": "bench-stock-1.0"}
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One run's topics and the deployment its rollback undoes."""
+
+    prefix: str
+
+    @property
+    def deployment_id(self) -> str:
+        return f"{self.prefix.rstrip('.')}-orders-2.0"
+
+    def deployment_of(self, service: str) -> str:
+        return self.deployment_id if service == "orders" else SERVICE_DEPLOYMENTS[service]
+
+    @property
+    def event_topics(self) -> list[str]:
+        return [event_topic(s, self.prefix) for s in SERVICES]
+
+    @property
+    def command_topics(self) -> list[str]:
+        return [command_topic(s, self.prefix) for s in SERVICES]
+
+
+def envelopes(workload: Workload, events: int) -> Iterator[tuple[str, bytes, bytes]]:
+    """(topic, key, value) of `events` events: `events // 4` saga instances of 4 steps."""
+    base = datetime.now(UTC) - timedelta(hours=1)
+    instances = max(1, events // len(STEPS))
+    for n in range(instances):
+        order_id = f"o-{n:07d}"
+        parent: str | None = None
+        at = base + timedelta(milliseconds=n)
+        for step, (event_type, service, _, _) in enumerate(STEPS):
+            event_id = str(uuid.uuid4())
+            payload: dict[str, object]
+            if event_type == "BenchOrderPlaced":
+                payload = {"order_id": order_id, "customer_id": f"c-{n % 977}", "total_cents": 4200}
+            elif event_type == "BenchPaymentCaptured":
+                payload = {"order_id": order_id, "payment_id": f"p-{n}", "amount_cents": 4200}
+            elif event_type == "BenchStockReserved":
+                payload = {"order_id": order_id, "sku": f"sku-{n % 311}", "quantity": 1}
+            else:
+                payload = {"order_id": order_id}
+            document: dict[str, object] = {
+                "event_id": event_id,
+                "event_type": event_type,
+                "schema_version": 1,
+                "service": service,
+                "service_version": "2.0" if service == "orders" else "1.0",
+                "deployment_id": workload.deployment_of(service),
+                "occurred_at": (at + timedelta(microseconds=step * 10)).isoformat(),
+                "correlation_id": order_id,
+                "key": order_id,
+                "payload": payload,
+            }
+            if parent is not None:
+                document["causation_id"] = parent
+            parent = event_id
+            yield (
+                event_topic(service, workload.prefix),
+                order_id.encode(),
+                json.dumps(document, separators=(",", ":")).encode(),
+            )
+
+
+async def create_topics(bootstrap: str, topics: Sequence[str]) -> None:
+    """Create topics with the partition count the broker would auto-create."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=PARTITIONS, replication_factor=1) for t in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, records: Iterator[tuple[str, bytes, bytes]]) -> int:
+    """Produce records with batching (acks=all); returns how many were acknowledged."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=5,
+        max_batch_size=256 * 1024,
+        max_request_size=4 * 1024 * 1024,
+    )
+    await producer.start()
+    sent = 0
+    try:
+        pending: list[asyncio.Future[object]] = []
+        for topic, key, value in records:
+            pending.append(await producer.send(topic, value=value, key=key))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                sent += len(pending)
+                pending = []
+        await asyncio.gather(*pending)
+        sent += len(pending)
+    finally:
+        await producer.stop()
+    return sent
