@@ -133,7 +133,9 @@ async def database(kind: str, workdir: Path) -> AsyncIterator[Database]:
         await ledger.close()
         yield db
     finally:
-        if kind == "sqlite":
+        if os.environ.get("BENCH_KEEP_DB"):
+            pass
+        elif kind == "sqlite":
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"{workdir / name}.db{suffix}").unlink()

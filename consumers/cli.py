@@ -56,7 +56,10 @@ def broker(
     ),
 )
 def worker(
-    loglevel: Annotated[str, typer.Option(help="Log level: debug, info, warning.")] = "info",
+    loglevel: Annotated[
+        str | None,
+        typer.Option(help="Log level: debug, info, warning (default: BACKOUT_LOG_LEVEL or info)."),
+    ] = None,
 ) -> None:
     """Run a worker: track events, execute rollbacks, serve the HTTP API.
 

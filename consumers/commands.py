@@ -89,7 +89,16 @@ def rollback_command(
         force=force,
         issued_at=utc_now(),
     )
-    asyncio.run(publish_signal(settings, signal))
+    from consumers.observability import configure_tracing
+
+    # The signal carries the context of a `send backout.rollbacks` span, so a
+    # traced CLI call is the root of the rollback's trace.
+    provider = configure_tracing(settings)
+    try:
+        asyncio.run(publish_signal(settings, signal))
+    finally:
+        if provider is not None:
+            provider.shutdown()
     console.print(signal.signal_id)
     if not wait:
         return EXIT_OK

@@ -20,6 +20,14 @@ def explain(exc: BaseException) -> tuple[str, int]:
         return "aborted", 130
     if isinstance(exc, CommandError | BackoutError):
         return str(exc), 1
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"BACKOUT_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()[:5]
+        )
+        return f"invalid settings: {problems}", 2
     if isinstance(exc, KafkaConnectionError):
         return f"cannot reach the broker (BACKOUT_BROKER): {exc}", 1
     if isinstance(exc, KafkaError):

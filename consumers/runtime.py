@@ -145,7 +145,9 @@ class Runtime(Service):
         if not self.is_ready or self.engine is None:
             return
         try:
-            await self.engine.resume(self._owned_partitions or None)
+            # Only rollbacks whose signal partition this worker owns: another
+            # worker resumes the rest.
+            await self.engine.resume(self._owned_partitions)
         except Exception:
             log.warning("reconcile failed", exc_info=True)
 

@@ -67,9 +67,11 @@ class SignalIntake:
                 tracing.MESSAGING_OFFSET: offset,
                 tracing.MESSAGING_OPERATION_TYPE: "process",
             },
-        ):
+        ) as span:
             document = _json_object(value)
             claimed_id = _claimed_id(document) or f"invalid-{topic}-{partition}-{offset}"
+            # The root of a rollback's trace is searchable by its id.
+            span.set_attribute(tracing.ROLLBACK_ID, claimed_id)
             if self.signal_key:
                 signature = next((v for n, v in headers if n == SIGNATURE_HEADER), None)
                 problem = verify_signature(value or b"", signature, self.signal_key)

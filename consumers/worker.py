@@ -9,7 +9,7 @@ from consumers.app import create_app
 from consumers.settings import Settings
 
 
-def run_worker(loglevel: str = "info") -> int:
+def run_worker(loglevel: str | None = None) -> int:
     """Run a worker in the foreground until SIGINT/SIGTERM; returns the exit code."""
     from faust.worker import Worker
 
@@ -21,6 +21,7 @@ def run_worker(loglevel: str = "info") -> int:
     # quadratically (measured: 2,100/s at 20k compensations vs 3,600/s).
     gc.set_threshold(50_000, 20, 100)
     settings = Settings()
+    loglevel = loglevel or settings.log_level
     configure_tracing(settings)
     app = create_app(settings)
     logging.basicConfig(level=loglevel.upper())

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from opentelemetry.trace import Status, StatusCode
+
 from sagas import tracing
 from sagas.clock import Clock, SystemClock
 from sagas.context import CommandSink
@@ -226,18 +228,19 @@ class RollbackEngine:
             try:
                 radius, plan = await self.plan(signal)
             except PlanningError as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
                 await self._finish(rollback_id, RollbackState.REJECTED, str(exc))
                 return
             span.set_attribute(tracing.PLANNED, len(plan.items))
-        if len(plan.items) > self.settings.max_compensations and not signal.force:
-            await self._finish(
-                rollback_id,
-                RollbackState.REJECTED,
-                f"blast radius of {len(plan.items)} compensations exceeds the guard "
-                f"BACKOUT_MAX_COMPENSATIONS={self.settings.max_compensations}; "
-                "send the signal again with force=true to proceed",
-            )
-            return
+            if len(plan.items) > self.settings.max_compensations and not signal.force:
+                error = (
+                    f"blast radius of {len(plan.items)} compensations exceeds the guard "
+                    f"BACKOUT_MAX_COMPENSATIONS={self.settings.max_compensations}; "
+                    "send the signal again with force=true to proceed"
+                )
+                span.set_status(Status(StatusCode.ERROR, error))
+                await self._finish(rollback_id, RollbackState.REJECTED, error)
+                return
         state = RollbackState.PLANNED if signal.dry_run else RollbackState.RUNNING
         quarantine = None
         if not signal.dry_run:

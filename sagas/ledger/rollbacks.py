@@ -22,7 +22,7 @@ from sagas.ledger.records import (
     RollbackRecord,
     as_utc,
 )
-from sagas.ledger.tracking import chunks
+from sagas.ledger.tracking import chunks, write_transaction
 
 S = CompensationState
 ACTIVE_ROLLBACK_STATES = ("accepted", "planning", "running", "paused")
@@ -94,7 +94,7 @@ class RollbackStore:
         tracestate: str | None = None,
     ) -> bool:
         """Record a new rollback; False when the id exists (a duplicate signal)."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             result = await conn.execute(
                 insert_ignoring_duplicates(conn, t.rollbacks, ["rollback_id"]).returning(
                     t.rollbacks.c.rollback_id
@@ -185,13 +185,13 @@ class RollbackStore:
         query = update(t.rollbacks).where(t.rollbacks.c.rollback_id == rollback_id)
         if only_from is not None:
             query = query.where(t.rollbacks.c.state.in_(only_from))
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             result = await conn.execute(query.values(**values))
             return bool(result.rowcount)
 
     async def set_deployment_of(self, rollback_id: str, deployment_id: str) -> None:
         """Record which deployment(s) a rollback named by service + version resolved to."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             await conn.execute(
                 update(t.rollbacks)
                 .where(t.rollbacks.c.rollback_id == rollback_id)
@@ -214,7 +214,7 @@ class RollbackStore:
         Compensations already known (from an earlier rollback of the same
         events) keep their state: done work is never redone.
         """
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             await self._insert_items(conn, rollback_id, items, now)
             await conn.execute(
                 update(t.rollbacks)
@@ -233,7 +233,7 @@ class RollbackStore:
         self, rollback_id: str, items: Sequence[NewCompensation], *, now: datetime
     ) -> None:
         """Append (late) items to an existing rollback's plan."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             await self._insert_items(conn, rollback_id, items, now)
 
     async def add_manual(
@@ -242,7 +242,7 @@ class RollbackStore:
         """Append manual actions or uncovered events found late."""
         if not entries:
             return
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             current = (
                 await conn.execute(
                     select(t.rollbacks.c.manual, t.rollbacks.c.uncovered).where(
@@ -476,7 +476,7 @@ class RollbackStore:
             that is done already, is left out.
         """
         claimed: list[str] = []
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             for part in chunks(list(keys)):
                 result = await conn.execute(
                     update(t.compensations)
@@ -534,7 +534,7 @@ class RollbackStore:
                 updated_at=now,
             )
         )
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             await conn.execute(statement, rows)
 
     async def expire_confirmations(
@@ -542,7 +542,7 @@ class RollbackStore:
     ) -> list[str]:
         """applied → `next_state` for keys whose confirmation did not arrive in time."""
         changed: list[str] = []
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             for part in chunks(list(keys)):
                 result = await conn.execute(
                     update(t.compensations)
@@ -572,7 +572,7 @@ class RollbackStore:
         if state == S.PENDING:
             values["next_attempt_at"] = None
         changed: list[str] = []
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             for part in chunks(list(keys)):
                 result = await conn.execute(
                     update(t.compensations)
@@ -592,7 +592,7 @@ class RollbackStore:
         Called when a rollback resumes after a crash: the intent was recorded,
         the outcome is unknown, so the handler runs again with the same key.
         """
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             result = await conn.execute(
                 update(t.compensations)
                 .where(
@@ -606,7 +606,7 @@ class RollbackStore:
 
     async def retry_compensation(self, key: str, *, now: datetime) -> None:
         """Operator retry: a failed compensation gets a fresh attempt budget."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             result = await conn.execute(
                 update(t.compensations)
                 .where(
@@ -620,7 +620,7 @@ class RollbackStore:
 
     async def skip_compensation(self, key: str, *, reason: str, now: datetime) -> None:
         """Operator skip: a compensation that will not be done, with the reason."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             result = await conn.execute(
                 update(t.compensations)
                 .where(
@@ -680,7 +680,7 @@ class RollbackStore:
         self, *, topic: str, partition: int, offset: int, error: str, now: datetime
     ) -> None:
         """Keep a copy of a dead letter's metadata for the status page and `dlq list`."""
-        async with self.engine.begin() as conn:
+        async with write_transaction(self.engine) as conn:
             await conn.execute(
                 t.dead_letters.insert().values(
                     topic=topic, partition=partition, offset=offset, error=error, recorded_at=now

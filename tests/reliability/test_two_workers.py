@@ -198,3 +198,18 @@ async def test_two_workers_full(ledger_url: str, make_chaos_stack: MakeStack) ->
     """The same with 500 instances (2,000+ compensations in four rollbacks)."""
     stack = await make_chaos_stack(ledger_url, workers=2)
     await two_workers(stack, chaos.seed_from_env(), per_partition=125)
+
+
+async def test_workers_started_together_migrate_the_new_ledger_once(ledger_url: str) -> None:
+    """Workers starting at the same moment on an empty ledger: each finds it
+    migrated or migrates it, none crashes on tables another one just created."""
+    from sagas.ledger import Ledger
+
+    async def open_and_close() -> int:
+        ledger = await Ledger.open(ledger_url)
+        try:
+            return await ledger.count_events()
+        finally:
+            await ledger.close()
+
+    assert await asyncio.gather(*(open_and_close() for _ in range(4))) == [0, 0, 0, 0]
