@@ -329,7 +329,7 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         profiler = Child(
             [str(py_spy), "record", "--pid", str(worker.pid), "--format", "raw",
-             "--rate", "200", "--output", str(out)],
+             "--rate", "100", "--nonblocking", "--output", str(out)],
             child_env({}),
             self.workdir / f"py-spy-{tag}.log",
         )

@@ -229,6 +229,20 @@ def resume(rollback_id: Annotated[str, typer.Argument(help="The rollback id.")])
     raise typer.Exit(resume_command(rollback_id))
 
 
+@app.command(epilog="Example:\n\n  backout retire orders-1.1-b2")
+def retire(
+    deployment_id: Annotated[str, typer.Argument(help="The rolled-back deployment, now gone.")],
+) -> None:
+    """Retire a rolled-back deployment: its late events are no longer compensated.
+
+    Until then (or until BACKOUT_QUARANTINE_SECONDS pass), events it still emits
+    while traffic drains are compensated as they arrive.
+    """
+    from consumers.commands import retire_command
+
+    raise typer.Exit(retire_command(deployment_id))
+
+
 dlq_app = typer.Typer(help="Dead letters: list them, replay them to their source topic.")
 app.add_typer(dlq_app, name="dlq")
 

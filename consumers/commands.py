@@ -356,3 +356,15 @@ def dlq_replay_command(source_topic: str | None, match: str | None, dry_run: boo
     sent = asyncio.run(replay(settings, letters))
     console.print(f"replayed {sent} dead letter(s)")
     return EXIT_OK
+
+
+def retire_command(deployment_id: str) -> int:
+    """End the late-event quarantine of a deployment."""
+    from consumers.operations import retire
+
+    closed = asyncio.run(retire(Settings(), deployment_id))
+    console.print(
+        f"deployment {deployment_id} retired; late events no longer compensated "
+        f"(quarantine closed for: {', '.join(closed) or 'no rollback'})"
+    )
+    return EXIT_OK

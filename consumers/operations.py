@@ -128,3 +128,9 @@ async def resume(settings: Settings, rollback_id: str) -> None:
             only_from=["paused", "failed"],
         ):
             raise LedgerError(f"rollback {rollback_id!r} is {record.state}, not paused or failed")
+
+
+async def retire(settings: Settings, deployment_id: str) -> list[str]:
+    """The deployment is gone: stop compensating its late events now."""
+    async with open_ledger(settings) as ledger:
+        return await ledger.end_quarantine(deployment_id, now=SystemClock().now())

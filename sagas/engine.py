@@ -265,7 +265,11 @@ class RollbackEngine:
     def _start(self, rollback_id: str) -> None:
         task = self._tasks.get(rollback_id)
         if task is not None and not task.done():
-            self._runs[rollback_id].wake()
+            # The task registers its run only after its first ledger read; a
+            # run not registered yet loads everything fresh, so nothing to wake.
+            run = self._runs.get(rollback_id)
+            if run is not None:
+                run.wake()
             return
         self._tasks[rollback_id] = asyncio.create_task(
             self._drive(rollback_id), name=f"rollback {rollback_id}"

@@ -79,6 +79,7 @@ WRITE_METHODS = (
     "retry_compensation",
     "skip_compensation",
     "record_dead_letter",
+    "end_quarantine",
 )
 
 

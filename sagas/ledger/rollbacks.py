@@ -168,6 +168,29 @@ class RollbackStore:
             )
             return [rollback_from_row(r) for r in result.all()]
 
+    async def end_quarantine(self, deployment_id: str, *, now: datetime) -> list[str]:
+        """The deployment is retired: late events of it are no longer compensated.
+
+        Returns:
+            The rollbacks whose quarantine window was closed.
+        """
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(t.rollbacks)
+                .where(
+                    t.rollbacks.c.quarantine_until > now,
+                    or_(
+                        t.rollbacks.c.deployment_id == deployment_id,
+                        t.rollbacks.c.deployment_id.like(f"{deployment_id},%"),
+                        t.rollbacks.c.deployment_id.like(f"%,{deployment_id}"),
+                        t.rollbacks.c.deployment_id.like(f"%,{deployment_id},%"),
+                    ),
+                )
+                .values(quarantine_until=now, updated_at=now)
+                .returning(t.rollbacks.c.rollback_id)
+            )
+            return list(result.scalars().all())
+
     async def set_rollback_state(
         self,
         rollback_id: str,

@@ -59,6 +59,7 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
     async with lock, engine.begin() as conn:
         yield conn
 
+
 _CONFIRMABLE = [
     CompensationState.PENDING,
     CompensationState.RUNNING,
