@@ -84,7 +84,7 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         title = (
             f"Backout benchmark ({'quick' if args.quick else 'full'}, "
-            f"median of {runs} run{'s' if runs > 1 else ''} [min–max])"
+            f"median of {runs} run{'s' if runs > 1 else ''} [min-max])"
         )
         print_report(bench.rows, title, Console(width=200, soft_wrap=False))
         if args.json is not None:

@@ -136,9 +136,7 @@ async def database(kind: str, workdir: Path) -> AsyncIterator[Database]:
         if os.environ.get("BENCH_KEEP_DB"):
             pass
         elif kind == "sqlite":
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    Path(f"{workdir / name}.db{suffix}").unlink()
+            _remove_sqlite(workdir / f"{name}.db")
         else:
             import asyncpg
 
@@ -147,6 +145,12 @@ async def database(kind: str, workdir: Path) -> AsyncIterator[Database]:
                 await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             finally:
                 await admin.close()
+
+
+def _remove_sqlite(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
 
 
 async def postgres_available() -> str | None:
@@ -262,6 +266,10 @@ class Worker(Child):
         raise BenchError(f"worker not ready after {timeout:g}s\n{log_tail(self.log_path)}")
 
 
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
 async def run_json(
     argv: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float
 ) -> dict[str, Any]:
@@ -280,9 +288,11 @@ async def run_json(
     except TimeoutError:
         process.kill()
         out, err = await process.communicate()
-        log_path.write_bytes(out + b"\n" + err)
-        raise BenchError(f"{argv[:4]} still running after {timeout:g}s\n{log_tail(log_path)}")
-    log_path.write_bytes(out + b"\n--- stderr ---\n" + err)
+        _write(log_path, out + b"\n--- stderr ---\n" + err)
+        raise BenchError(
+            f"{argv[:4]} still running after {timeout:g}s\n{log_tail(log_path)}"
+        ) from None
+    _write(log_path, out + b"\n--- stderr ---\n" + err)
     if process.returncode != 0:
         raise BenchError(
             f"{argv[:4]} failed with exit code {process.returncode}\n{log_tail(log_path)}"

@@ -61,13 +61,13 @@ class Row:
 
 
 def spread(values: Sequence[float], unit: str) -> str:
-    """`median [min–max] unit`, compact."""
+    """`median [min-max] unit`, compact."""
     if not values:
         return "—"
     median = statistics.median(values)
     text = _number(median)
     if len(values) > 1:
-        text += f" [{_number(min(values))}–{_number(max(values))}]"
+        text += f" [{_number(min(values))}-{_number(max(values))}]"
     return f"{text} {unit}".strip()
 
 
@@ -85,9 +85,9 @@ def ratio_text(row: Row) -> str:
     ratios = row.ratios
     if not ratios:
         return "—"
-    text = f"{statistics.median(ratios):.2f}×"
+    text = f"{statistics.median(ratios):.2f}x"
     if len(ratios) > 1:
-        text += f" [{min(ratios):.2f}–{max(ratios):.2f}]"
+        text += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
     return text
 
 

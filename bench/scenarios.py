@@ -54,8 +54,9 @@ class Sizes:
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(tracking=200_000, rollback=(1_000, 10_000, 100_000), memory=1_000_000,
-                   peer=10_000)
+        return cls(
+            tracking=200_000, rollback=(1_000, 10_000, 100_000), memory=1_000_000, peer=10_000
+        )
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -110,7 +111,9 @@ class Bench:
                     for who in order:
                         async with database(kind, self.workdir) as db:
                             if who == "worker":
-                                rate = await self._track_with_worker(kafka.bootstrap, db, workload, n)
+                                rate = await self._track_with_worker(
+                                    kafka.bootstrap, db, workload, n
+                                )
                                 results[kind][0].append(rate)
                             else:
                                 rate = await self._track_raw(kafka.bootstrap, db, workload, n)
@@ -131,7 +134,7 @@ class Bench:
                     baseline=results[kind][1],
                     baseline_label="raw aiokafka + Core insert",
                     target=0.8,
-                    target_label="≥ 0.8× raw",
+                    target_label="≥ 0.8x raw",
                 )
             )
 
@@ -150,12 +153,20 @@ class Bench:
     async def _track_raw(self, bootstrap: str, db: Database, workload: Workload, n: int) -> float:
         raw = Child(
             [
-                sys.executable, "-m", "bench.raw", "track",
-                "--bootstrap", bootstrap,
-                "--topics", ",".join(workload.event_topics),
-                "--url", db.url,
-                "--events", str(n),
-                "--batch", "2000",
+                sys.executable,
+                "-m",
+                "bench.raw",
+                "track",
+                "--bootstrap",
+                bootstrap,
+                "--topics",
+                ",".join(workload.event_topics),
+                "--url",
+                db.url,
+                "--events",
+                str(n),
+                "--batch",
+                "2000",
             ],
             child_env({}),
             self.workdir / f"raw-track-{uuid.uuid4().hex[:6]}.log",
@@ -195,31 +206,46 @@ class Bench:
             self.rollback_rates[(kind, size)] = rates
             self.rows.append(
                 Row(
-                    "rollback", case, "compensations/s (signal → all applied)", "/s",
+                    "rollback",
+                    case,
+                    "compensations/s (signal → all applied)",
+                    "/s",
                     values=rates,
                     baseline=[r["raw_rate"] for r in results],
                     baseline_label="raw read + produce",
                     target=0.2,
-                    target_label="≥ 0.2× raw",
+                    target_label="≥ 0.2x raw",
                 )
             )
             self.rows.append(
                 Row(
-                    "rollback", case, "signal → all applied", "s",
-                    values=[r["applied_s"] for r in results], higher_is_better=False,
+                    "rollback",
+                    case,
+                    "signal → all applied",
+                    "s",
+                    values=[r["applied_s"] for r in results],
+                    higher_is_better=False,
                 )
             )
             self.rows.append(
                 Row(
-                    "rollback", case, "signal → all confirmed", "s",
-                    values=[r["confirmed_s"] for r in results], higher_is_better=False,
+                    "rollback",
+                    case,
+                    "signal → all confirmed",
+                    "s",
+                    values=[r["confirmed_s"] for r in results],
+                    higher_is_better=False,
                 )
             )
             trips = [r["round_trip_ms"] for r in results if r["round_trip_ms"] >= 0]
             self.rows.append(
                 Row(
-                    "rollback", case, "applied → confirmed (median)", "ms",
-                    values=trips, higher_is_better=False,
+                    "rollback",
+                    case,
+                    "applied → confirmed (median)",
+                    "ms",
+                    values=trips,
+                    higher_is_better=False,
                 )
             )
         sizes = sorted(per_size)
@@ -233,8 +259,8 @@ class Bench:
                 Row(
                     "rollback",
                     f"{label}, linearity",
-                    f"time/event at {large:,} ÷ at {small:,}",
-                    "×",
+                    f"time/event at {large:,} / at {small:,}",
+                    "x",
                     values=ratios,
                     higher_is_better=False,
                     target=1.5,
@@ -248,11 +274,18 @@ class Bench:
         await produce(bootstrap, envelopes(workload, size))
         raw = await run_json(
             [
-                sys.executable, "-m", "bench.raw", "rollback",
-                "--bootstrap", bootstrap,
-                "--topics", ",".join(workload.event_topics),
-                "--command-topic", f"{workload.prefix}raw.commands",
-                "--events", str(size),
+                sys.executable,
+                "-m",
+                "bench.raw",
+                "rollback",
+                "--bootstrap",
+                bootstrap,
+                "--topics",
+                ",".join(workload.event_topics),
+                "--command-topic",
+                f"{workload.prefix}raw.commands",
+                "--events",
+                str(size),
             ],
             child_env({}),
             self.workdir / f"raw-undo-{uuid.uuid4().hex[:6]}.log",
@@ -268,8 +301,15 @@ class Bench:
     ) -> dict[str, float]:
         """Track `size` events (not timed), then time one rollback of them."""
         services = Child(
-            [sys.executable, "-m", "bench.services", "--bootstrap", bootstrap,
-             "--prefix", workload.prefix],
+            [
+                sys.executable,
+                "-m",
+                "bench.services",
+                "--bootstrap",
+                bootstrap,
+                "--prefix",
+                workload.prefix,
+            ],
             child_env({}),
             self.workdir / f"services-{uuid.uuid4().hex[:6]}.log",
         )
@@ -328,8 +368,19 @@ class Bench:
         out = Path(folder) / f"{tag}-{uuid.uuid4().hex[:6]}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         profiler = Child(
-            [str(py_spy), "record", "--pid", str(worker.pid), "--format", "raw",
-             "--rate", "100", "--nonblocking", "--output", str(out)],
+            [
+                str(py_spy),
+                "record",
+                "--pid",
+                str(worker.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "100",
+                "--nonblocking",
+                "--output",
+                str(out),
+            ],
             child_env({}),
             self.workdir / f"py-spy-{tag}.log",
         )
@@ -381,10 +432,13 @@ class Bench:
         size = self.sizes.peer
         case = f"{size:,} events ({size // 4:,} workflows)"
         row = Row(
-            "peer", case, "compensations/s vs DBOS workflows", "/s",
+            "peer",
+            case,
+            "compensations/s vs DBOS workflows",
+            "/s",
             baseline_label="DBOS 4-step workflows",
             target=50,
-            target_label="≥ 50× DBOS",
+            target_label="≥ 50x DBOS",
         )
         self.rows.append(row)
         missing = _dbos_missing()
@@ -407,9 +461,10 @@ class Bench:
                 else:
                     async with database(kind, self.workdir) as db:
                         await create_topics(kafka.bootstrap, workload.command_topics)
-                        ours = size / (await self.undo(kafka.bootstrap, db, workload, size))[
-                            "applied_s"
-                        ]
+                        ours = (
+                            size
+                            / (await self.undo(kafka.bootstrap, db, workload, size))["applied_s"]
+                        )
                 row.values.append(ours)
                 row.baseline.append(dbos)
                 self.log(
@@ -429,12 +484,18 @@ class Bench:
         try:
             result = await run_json(
                 [
-                    str(DBOS_PYTHON), str(REPO / "bench" / "peer_dbos.py"),
-                    "--bootstrap", bootstrap,
-                    "--topics", ",".join(workload.event_topics),
-                    "--prefix", workload.prefix,
-                    "--events", str(size),
-                    "--database-url", url,
+                    str(DBOS_PYTHON),
+                    str(REPO / "bench" / "peer_dbos.py"),
+                    "--bootstrap",
+                    bootstrap,
+                    "--topics",
+                    ",".join(workload.event_topics),
+                    "--prefix",
+                    workload.prefix,
+                    "--events",
+                    str(size),
+                    "--database-url",
+                    url,
                 ],
                 child_env({}),
                 self.workdir / f"dbos-{uuid.uuid4().hex[:6]}.log",

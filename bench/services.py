@@ -15,6 +15,7 @@ import asyncio
 import json
 import signal
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -26,6 +27,13 @@ from schemas.headers import IDEMPOTENCY_KEY_HEADER
 # The orders service runs the version it was rolled back to when it confirms.
 ROLLED_BACK_TO = "bench-orders-1.9"
 NAMESPACE = uuid.UUID("0b5e7c1e-55a1-4c6e-9f2b-5e4d1c0ffee5")
+
+
+def _idempotency_key(headers: Iterable[tuple[str, bytes]] | None) -> str | None:
+    for name, value in headers or ():
+        if name == IDEMPOTENCY_KEY_HEADER:
+            return bytes(value).decode()
+    return None
 
 
 async def serve(bootstrap: str, prefix: str, stop: asyncio.Event) -> int:
@@ -60,10 +68,7 @@ async def serve(bootstrap: str, prefix: str, stop: asyncio.Event) -> int:
             for tp, records in batch.items():
                 service = topics[tp.topic]
                 for record in records:
-                    key = next(
-                        (v.decode() for n, v in record.headers or () if n == IDEMPOTENCY_KEY_HEADER),
-                        None,
-                    )
+                    key = _idempotency_key(record.headers)
                     if key is None or record.value is None:
                         continue
                     command = json.loads(record.value)

@@ -4,19 +4,86 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
 from sagas.errors import UpcastError
 from sagas.ledger import TrackedEvent
-from sagas.registry import Compensate, SagaRegistry, Uncovered
+from sagas.registry import Compensate, Resolution, SagaRegistry, Uncovered
 from sagas.tracing import traceparent_of
 from schemas.envelope import EventEnvelope
 from schemas.errors import describe_validation_error
 
 MAX_RECORD_BYTES = 1024 * 1024
 MAX_NESTING = 64
+
+# The fast path below takes only what `EventEnvelope` certainly accepts, with
+# the same values; anything else goes through pydantic, which also words the
+# error. Times: RFC 3339 with `T`, at most microseconds, `Z` or ±hh:mm.
+_ID_FIELDS = ("event_id", "event_type", "service", "service_version", "deployment_id")
+_OPTIONAL_ID_FIELDS = ("correlation_id", "causation_id", "key")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """The envelope fields tracking needs, as `EventEnvelope` would hold them."""
+
+    event_id: str
+    event_type: str
+    schema_version: int
+    service: str
+    service_version: str
+    deployment_id: str
+    occurred_at: datetime
+    correlation_id: str | None
+    causation_id: str | None
+    key: str | None
+    payload: dict[str, Any]
+
+
+def _fast_fields(document: dict[str, Any]) -> _Fields | None:
+    """The envelope of a plainly well-formed document, or None: let pydantic decide.
+
+    Validating with pydantic costs about as much as inserting the row; this
+    accepts only documents whose every field pydantic would take as it is.
+    """
+    for name in _ID_FIELDS:
+        value = document.get(name)
+        if type(value) is not str or not 0 < len(value) <= 255:
+            return None
+    for name in _OPTIONAL_ID_FIELDS:
+        value = document.get(name)
+        if value is not None and (type(value) is not str or not 0 < len(value) <= 255):
+            return None
+    version = document.get("schema_version")
+    if type(version) is not int or not 1 <= version <= 1_000_000:
+        return None
+    payload = document.get("payload")
+    occurred = document.get("occurred_at")
+    if type(payload) is not dict or type(occurred) is not str or not _RFC3339.match(occurred):
+        return None
+    try:
+        occurred_at = datetime.fromisoformat(occurred)
+    except ValueError:
+        return None
+    return _Fields(
+        event_id=document["event_id"],
+        event_type=document["event_type"],
+        schema_version=version,
+        service=document["service"],
+        service_version=document["service_version"],
+        deployment_id=document["deployment_id"],
+        occurred_at=occurred_at.astimezone(UTC),
+        correlation_id=document.get("correlation_id"),
+        causation_id=document.get("causation_id"),
+        key=document.get("key"),
+        payload=dict(payload),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +157,10 @@ class EventDecoder:
             for step in saga.steps.values()
             if step.confirm is not None
         }
+        # How each (type, version) resolves, while the number of loaded sagas
+        # stays the same (resolving scans a saga's steps; every record asks).
+        self._resolutions: dict[tuple[str, int], Resolution] = {}
+        self._resolved_for = -1
 
     def decode(
         self,
@@ -116,7 +187,7 @@ class EventDecoder:
             service_version=envelope.service_version,
             deployment_id=envelope.deployment_id,
             occurred_at=envelope.occurred_at,
-            payload=dict(envelope.payload),
+            payload=envelope.payload if isinstance(envelope, _Fields) else dict(envelope.payload),
             correlation_id=envelope.correlation_id,
             causation_id=envelope.causation_id,
             key=envelope.key,
@@ -127,7 +198,7 @@ class EventDecoder:
             tracestate=tracestate,
         )
 
-    def _envelope(self, value: bytes | None) -> EventEnvelope | Rejected:
+    def _envelope(self, value: bytes | None) -> EventEnvelope | _Fields | Rejected:
         if value is None:
             return Rejected("empty record (null value): expected a JSON event envelope")
         if len(value) > MAX_RECORD_BYTES:
@@ -153,21 +224,38 @@ class EventDecoder:
                 f"record value must be a JSON object (an event envelope), "
                 f"got {type(document).__name__}"
             )
-        if nesting_depth(document) > MAX_NESTING:
+        # Nesting cannot exceed the number of opening brackets: count them (at
+        # C speed) and walk the document only when that does not settle it.
+        brackets = value.count(b"{") + value.count(b"[")
+        if brackets > MAX_NESTING and nesting_depth(document) > MAX_NESTING:
             return Rejected(f"record nests deeper than {MAX_NESTING} levels")
         # Checked on the parsed strings, not the text: `"\\u0000"` (an escaped
         # backslash, then `u0000`) is six harmless characters, not a NUL.
         if "\\u0000" in text and _contains_nul(document):
             return Rejected("record contains NUL characters, which the ledger cannot store")
+        fields = _fast_fields(document)
+        if fields is not None:
+            return fields
         try:
             return EventEnvelope.model_validate(document)
         except ValidationError as exc:
             return Rejected(describe_validation_error("EventEnvelope", exc))
 
-    def _check_against_sagas(self, envelope: EventEnvelope) -> Rejected | None:
+    def _resolve(self, event_type: str, version: int) -> Resolution:
+        loaded = len(self.registry.sagas)
+        if loaded != self._resolved_for:
+            self._resolutions.clear()
+            self._resolved_for = loaded
+        key = (event_type, version)
+        resolution = self._resolutions.get(key)
+        if resolution is None:
+            resolution = self._resolutions[key] = self.registry.resolve(event_type, version)
+        return resolution
+
+    def _check_against_sagas(self, envelope: EventEnvelope | _Fields) -> Rejected | None:
         if envelope.event_type in self.confirmation_types:
             return None
-        resolution = self.registry.resolve(envelope.event_type, envelope.schema_version)
+        resolution = self._resolve(envelope.event_type, envelope.schema_version)
         if isinstance(resolution, Uncovered):
             if self.track_unknown:
                 return None
@@ -180,9 +268,11 @@ class EventDecoder:
             return None
         step = resolution.step
         try:
-            payload = self.registry.upcast(
-                envelope.event_type, envelope.schema_version, step.version, dict(envelope.payload)
-            )
+            payload = envelope.payload
+            if envelope.schema_version != step.version:
+                payload = self.registry.upcast(
+                    envelope.event_type, envelope.schema_version, step.version, dict(payload)
+                )
             assert step.model is not None
             step.model.model_validate(payload)
         except UpcastError as exc:

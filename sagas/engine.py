@@ -111,6 +111,7 @@ class RollbackEngine:
         self._runs: dict[str, RollbackRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._last_tick: dict[str, datetime] = {}
+        self._recheck: set[str] = set()
         self._stopping: set[str] = set()
         self._last_published: dict[str, dict[str, Any]] = {}
         self._last_sent_at: dict[str, datetime] = {}
@@ -270,6 +271,9 @@ class RollbackEngine:
             run = self._runs.get(rollback_id)
             if run is not None:
                 run.wake()
+            # The run may be concluding already and miss the wake-up (a late
+            # event arriving as it ends): its task looks again when it is done.
+            self._recheck.add(rollback_id)
             return
         self._tasks[rollback_id] = asyncio.create_task(
             self._drive(rollback_id), name=f"rollback {rollback_id}"
@@ -311,6 +315,9 @@ class RollbackEngine:
                 result = await run.run()
                 state = await self._conclude(rollback_id, record, result)
                 span.set_attribute(tracing.OUTCOME, state)
+            if rollback_id in self._recheck:
+                self._recheck.discard(rollback_id)
+                await self._run_again_if_work_arrived(rollback_id, state)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -325,6 +332,26 @@ class RollbackEngine:
                 if finished is not None and finished.finished_at is not None:
                     seconds = (finished.finished_at - finished.created_at).total_seconds()
                 self.observer.rollback_ended(rollback_id, state, seconds)
+
+    async def _run_again_if_work_arrived(self, rollback_id: str, state: str) -> None:
+        """Work added while the run was concluding (late items) gets a new run."""
+        if state not in (
+            RollbackState.COMPLETED,
+            RollbackState.COMPLETED_WITH_WARNINGS,
+            RollbackState.FAILED,
+        ):
+            return
+        counts = await self.ledger.counts(rollback_id)
+        if counts.pending == 0 and counts.running == 0:
+            return
+        await self.ledger.set_rollback_state(
+            rollback_id, RollbackState.RUNNING, now=self.clock.now(), only_from=[state]
+        )
+        # A new task takes over; it first runs after this one has let go of
+        # its run (the `finally` of `_drive` does not wait before that).
+        self._tasks[rollback_id] = asyncio.create_task(
+            self._drive(rollback_id), name=f"rollback {rollback_id}"
+        )
 
     def _count_outcome(self, outcome: Outcome) -> None:
         if self.observer is not None:
