@@ -504,6 +504,11 @@ def test_observability(session: ShellSession) -> None:
     process = by_id[rollback.parent_id]
     assert process.name == "process backout.rollbacks"
     assert process.kind == "CONSUMER"
+    # The CLI traced the signal it published: its producer span is the root.
+    cli_send = by_id[process.parent_id]
+    assert cli_send.name == "send backout.rollbacks"
+    assert cli_send.kind == "PRODUCER"
+    assert cli_send.parent_id is None
     [plan] = [s for s in spans if s.name == "backout plan" and s.parent_id == process.span_id]
     assert plan.attributes["backout.planned"] == 3
     compensations = [s for s in spans if s.name == "backout compensate"]
