@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda text: tuple(int(x) for x in text.split(",")),
         help="rollback sizes in events, comma-separated (default 1000,10000,100000)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1024,
+        help="BACKOUT_CONCURRENCY of the workers (default 1024; the worker's own default is 64)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--workdir", type=Path, help="keep logs and databases here")
     return parser.parse_args(argv)
@@ -78,13 +84,20 @@ async def main_async(args: argparse.Namespace) -> int:
     else:
         temporary = tempfile.TemporaryDirectory(prefix="backout-bench-")
         workdir = Path(temporary.name)
-    bench = Bench(sizes=sizes, runs=runs, databases=databases, workdir=workdir)
+    bench = Bench(
+        sizes=sizes,
+        runs=runs,
+        databases=databases,
+        workdir=workdir,
+        concurrency=args.concurrency,
+    )
     try:
         await run_all(bench, only)
     finally:
         title = (
             f"Backout benchmark ({'quick' if args.quick else 'full'}, "
-            f"median of {runs} run{'s' if runs > 1 else ''} [min-max])"
+            f"{'median of ' + str(runs) + ' runs [min-max]' if runs > 1 else '1 run'}, "
+            f"BACKOUT_CONCURRENCY={args.concurrency})"
         )
         print_report(bench.rows, title, Console(width=200, soft_wrap=False))
         if args.json is not None:

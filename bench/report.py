@@ -94,7 +94,7 @@ def ratio_text(row: Row) -> str:
 def met_text(row: Row) -> str:
     met = row.met
     if met is None:
-        return "—" if not row.note else "skipped"
+        return "skipped" if row.target is not None and not row.values else "—"
     return "[green]yes[/]" if met else "[red]no[/]"
 
 

@@ -7,6 +7,7 @@ other's data. Producing the input is never timed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal as signals
 import statistics
@@ -71,6 +72,8 @@ class Bench:
     runs: int
     databases: list[str]
     workdir: Path
+    # Compensations in flight (BACKOUT_CONCURRENCY); the worker's default is 64.
+    concurrency: int = 1024
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
     rows: list[Row] = field(default_factory=list)
     # (database kind, size) -> Backout compensations/s of each run, for the peer row.
@@ -86,6 +89,7 @@ class Bench:
             "BACKOUT_EVENT_TOPICS": ",".join(workload.event_topics),
             "BACKOUT_APP_ID": f"bench-{uuid.uuid4().hex[:10]}",
             "BACKOUT_MAX_COMPENSATIONS": "100000000",
+            "BACKOUT_CONCURRENCY": str(self.concurrency),
             "BENCH_TOPIC_PREFIX": workload.prefix,
         }
 
@@ -134,7 +138,7 @@ class Bench:
                     baseline=results[kind][1],
                     baseline_label="raw aiokafka + Core insert",
                     target=0.8,
-                    target_label="≥ 0.8x raw",
+                    target_label=">= 0.8x raw",
                 )
             )
 
@@ -144,9 +148,13 @@ class Bench:
         worker = self._worker(bootstrap, db, workload, "track")
         probe = LedgerProbe(db)
         worker.start()
+        profiler = self._profiler(worker, f"track-{db.kind}")
         try:
             return await probe.wait_for_events(n, worker, timeout=60 + n / 500)
         finally:
+            with contextlib.suppress(Exception):
+                if profiler is not None:
+                    profiler.stop(timeout=60, how=signals.SIGINT)
             worker.stop()
             await probe.close()
 
@@ -208,20 +216,20 @@ class Bench:
                 Row(
                     "rollback",
                     case,
-                    "compensations/s (signal → all applied)",
+                    "compensations/s (signal -> all applied)",
                     "/s",
                     values=rates,
                     baseline=[r["raw_rate"] for r in results],
                     baseline_label="raw read + produce",
                     target=0.2,
-                    target_label="≥ 0.2x raw",
+                    target_label=">= 0.2x raw",
                 )
             )
             self.rows.append(
                 Row(
                     "rollback",
                     case,
-                    "signal → all applied",
+                    "signal -> all applied",
                     "s",
                     values=[r["applied_s"] for r in results],
                     higher_is_better=False,
@@ -231,7 +239,7 @@ class Bench:
                 Row(
                     "rollback",
                     case,
-                    "signal → all confirmed",
+                    "signal -> all confirmed",
                     "s",
                     values=[r["confirmed_s"] for r in results],
                     higher_is_better=False,
@@ -242,10 +250,11 @@ class Bench:
                 Row(
                     "rollback",
                     case,
-                    "applied → confirmed (median)",
+                    "applied -> confirmed (median)",
                     "ms",
                     values=trips,
                     higher_is_better=False,
+                    note="" if trips else "every confirmation overtook its own outcome",
                 )
             )
         sizes = sorted(per_size)
@@ -264,7 +273,7 @@ class Bench:
                     values=ratios,
                     higher_is_better=False,
                     target=1.5,
-                    target_label="≤ 1.5",
+                    target_label="<= 1.5",
                 )
             )
 
@@ -352,11 +361,14 @@ class Bench:
                 "peak_rss_mb": peak_rss_mb(worker.pid) or 0.0,
             }
         finally:
-            if profiler is not None:
-                profiler.stop(timeout=60, how=signals.SIGINT)
-            await producer.stop()
+            # Each step on its own: one failing must not leave a process behind.
+            with contextlib.suppress(Exception):
+                if profiler is not None:
+                    profiler.stop(timeout=60, how=signals.SIGINT)
             worker.stop()
             services.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
             await probe.close()
 
     def _profiler(self, worker: Worker, tag: str) -> Child | None:
@@ -422,7 +434,7 @@ class Bench:
                 values=peaks,
                 higher_is_better=False,
                 target=250,
-                target_label="≤ 250 MB",
+                target_label="<= 250 MB",
             )
         )
 
@@ -438,15 +450,18 @@ class Bench:
             "/s",
             baseline_label="DBOS 4-step workflows",
             target=50,
-            target_label="≥ 50x DBOS",
+            target_label=">= 50x DBOS",
         )
         self.rows.append(row)
+        pg_problem = await postgres_available()
+        row.baseline_label = (
+            f"DBOS 4-step workflows, {'PostgreSQL' if pg_problem is None else 'SQLite'}"
+        )
         missing = _dbos_missing()
         if missing:
             row.note = f"skipped: {missing}"
             self.log(f"peer: {row.note}")
             return
-        pg_problem = await postgres_available()
         kind = "postgres" if pg_problem is None and "postgres" in self.databases else "sqlite"
         row.case += f", Backout on {_label(kind)}"
         known = self.rollback_rates.get((kind, size), [])

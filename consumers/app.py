@@ -77,7 +77,7 @@ def create_app(
             await runtime.ready()
             assert runtime.signals is not None
             message = event.message
-            await runtime.signals.handle(
+            await runtime.signals.handle_through_outages(
                 message.value,
                 _headers(message.headers),
                 topic=message.topic,

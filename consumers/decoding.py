@@ -24,66 +24,9 @@ MAX_NESTING = 64
 # The fast path below takes only what `EventEnvelope` certainly accepts, with
 # the same values; anything else goes through pydantic, which also words the
 # error. Times: RFC 3339 with `T`, at most microseconds, `Z` or ±hh:mm.
-_ID_FIELDS = ("event_id", "event_type", "service", "service_version", "deployment_id")
-_OPTIONAL_ID_FIELDS = ("correlation_id", "causation_id", "key")
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})\Z")
-
-
-@dataclass(frozen=True, slots=True)
-class _Fields:
-    """The envelope fields tracking needs, as `EventEnvelope` would hold them."""
-
-    event_id: str
-    event_type: str
-    schema_version: int
-    service: str
-    service_version: str
-    deployment_id: str
-    occurred_at: datetime
-    correlation_id: str | None
-    causation_id: str | None
-    key: str | None
-    payload: dict[str, Any]
-
-
-def _fast_fields(document: dict[str, Any]) -> _Fields | None:
-    """The envelope of a plainly well-formed document, or None: let pydantic decide.
-
-    Validating with pydantic costs about as much as inserting the row; this
-    accepts only documents whose every field pydantic would take as it is.
-    """
-    for name in _ID_FIELDS:
-        value = document.get(name)
-        if type(value) is not str or not 0 < len(value) <= 255:
-            return None
-    for name in _OPTIONAL_ID_FIELDS:
-        value = document.get(name)
-        if value is not None and (type(value) is not str or not 0 < len(value) <= 255):
-            return None
-    version = document.get("schema_version")
-    if type(version) is not int or not 1 <= version <= 1_000_000:
-        return None
-    payload = document.get("payload")
-    occurred = document.get("occurred_at")
-    if type(payload) is not dict or type(occurred) is not str or not _RFC3339.match(occurred):
-        return None
-    try:
-        occurred_at = datetime.fromisoformat(occurred)
-    except ValueError:
-        return None
-    return _Fields(
-        event_id=document["event_id"],
-        event_type=document["event_type"],
-        schema_version=version,
-        service=document["service"],
-        service_version=document["service_version"],
-        deployment_id=document["deployment_id"],
-        occurred_at=occurred_at.astimezone(UTC),
-        correlation_id=document.get("correlation_id"),
-        causation_id=document.get("causation_id"),
-        key=document.get("key"),
-        payload=dict(payload),
-    )
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})\Z"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +34,93 @@ class Rejected:
     """A record that cannot be tracked, and why (goes to the DLQ)."""
 
     reason: str
+
+
+def _fast_event(
+    document: dict[str, Any],
+    topic: str,
+    partition: int,
+    offset: int,
+    traceparent: str | None,
+    tracestate: str | None,
+) -> TrackedEvent | None:
+    """The event of a plainly well-formed envelope, or None: let pydantic decide.
+
+    Validating with pydantic cost as much as inserting the row; this accepts
+    only documents whose every field pydantic would take as it is. Ids must be
+    ASCII: pydantic refuses strings holding lone surrogates (JSON allows
+    "\ud800"), and `isascii` is O(1) in CPython; other text takes the slow path.
+    (Written out, not looped: this runs for every tracked record.)
+    """
+    get = document.get
+    event_id, event_type = get("event_id"), get("event_type")
+    service, service_version = get("service"), get("service_version")
+    deployment_id, version = get("deployment_id"), get("schema_version")
+    correlation_id, causation_id, key = get("correlation_id"), get("causation_id"), get("key")
+    payload, occurred = get("payload"), get("occurred_at")
+    if not (
+        type(event_id) is str
+        and 0 < len(event_id) <= 255
+        and event_id.isascii()
+        and type(event_type) is str
+        and 0 < len(event_type) <= 255
+        and event_type.isascii()
+        and type(service) is str
+        and 0 < len(service) <= 255
+        and service.isascii()
+        and type(service_version) is str
+        and 0 < len(service_version) <= 255
+        and service_version.isascii()
+        and type(deployment_id) is str
+        and 0 < len(deployment_id) <= 255
+        and deployment_id.isascii()
+        and (
+            correlation_id is None
+            or (
+                type(correlation_id) is str
+                and 0 < len(correlation_id) <= 255
+                and correlation_id.isascii()
+            )
+        )
+        and (
+            causation_id is None
+            or (
+                type(causation_id) is str
+                and 0 < len(causation_id) <= 255
+                and causation_id.isascii()
+            )
+        )
+        and (key is None or (type(key) is str and 0 < len(key) <= 255 and key.isascii()))
+        and type(version) is int
+        and 1 <= version <= 1_000_000
+        and type(payload) is dict
+        and all(k.isascii() for k in payload)
+        and type(occurred) is str
+        and _RFC3339.match(occurred)
+    ):
+        return None
+    try:
+        occurred_at = datetime.fromisoformat(occurred).astimezone(UTC)
+    except (ValueError, OverflowError):  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        return None
+    return TrackedEvent(
+        event_id=event_id,
+        event_type=event_type,
+        schema_version=version,
+        service=service,
+        service_version=service_version,
+        deployment_id=deployment_id,
+        occurred_at=occurred_at,
+        payload=dict(payload),
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        key=key,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        traceparent=traceparent,
+        tracestate=tracestate,
+    )
 
 
 def _finite_float(text: str) -> float:
@@ -105,6 +135,11 @@ def _finite_float(text: str) -> float:
 def _no_constant(name: str) -> float:
     # Python's json accepts NaN/Infinity; JSON (RFC 8259) and PostgreSQL do not.
     raise ValueError(f"{name} is not a JSON value")
+
+
+# One decoder for every record (`json.loads` with these options builds a new
+# one per call).
+_JSON = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 
 
 def _contains_nul(value: object) -> bool:
@@ -172,33 +207,41 @@ class EventDecoder:
         offset: int,
     ) -> TrackedEvent | Rejected:
         """One record → a `TrackedEvent`, or `Rejected` with the reason."""
-        envelope = self._envelope(value)
-        if isinstance(envelope, Rejected):
-            return envelope
-        problem = self._check_against_sagas(envelope)
-        if problem is not None:
-            return problem
+        document = self._document(value)
+        if isinstance(document, Rejected):
+            return document
         traceparent, tracestate = traceparent_of(headers)
-        return TrackedEvent(
-            event_id=envelope.event_id,
-            event_type=envelope.event_type,
-            schema_version=envelope.schema_version,
-            service=envelope.service,
-            service_version=envelope.service_version,
-            deployment_id=envelope.deployment_id,
-            occurred_at=envelope.occurred_at,
-            payload=envelope.payload if isinstance(envelope, _Fields) else dict(envelope.payload),
-            correlation_id=envelope.correlation_id,
-            causation_id=envelope.causation_id,
-            key=envelope.key,
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            traceparent=traceparent if traceparent and len(traceparent) <= 64 else None,
-            tracestate=tracestate,
-        )
+        if not traceparent or len(traceparent) > 64:
+            traceparent = None
+        event = _fast_event(document, topic, partition, offset, traceparent, tracestate)
+        if event is None:
+            try:
+                envelope = EventEnvelope.model_validate(document)
+            except ValidationError as exc:
+                return Rejected(describe_validation_error("EventEnvelope", exc))
+            event = TrackedEvent(
+                event_id=envelope.event_id,
+                event_type=envelope.event_type,
+                schema_version=envelope.schema_version,
+                service=envelope.service,
+                service_version=envelope.service_version,
+                deployment_id=envelope.deployment_id,
+                occurred_at=envelope.occurred_at,
+                payload=dict(envelope.payload),
+                correlation_id=envelope.correlation_id,
+                causation_id=envelope.causation_id,
+                key=envelope.key,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                traceparent=traceparent,
+                tracestate=tracestate,
+            )
+        problem = self._check_against_sagas(event)
+        return event if problem is None else problem
 
-    def _envelope(self, value: bytes | None) -> EventEnvelope | _Fields | Rejected:
+    def _document(self, value: bytes | None) -> dict[str, Any] | Rejected:
+        """The record as a JSON object within the ledger's limits, or why not."""
         if value is None:
             return Rejected("empty record (null value): expected a JSON event envelope")
         if len(value) > MAX_RECORD_BYTES:
@@ -212,7 +255,7 @@ class EventDecoder:
         if "\x00" in text:
             return Rejected("record contains NUL characters, which the ledger cannot store")
         try:
-            document = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+            document = _JSON.decode(text)
         except RecursionError:
             return Rejected("record value nests too deeply to parse")
         except ValueError as exc:
@@ -233,13 +276,7 @@ class EventDecoder:
         # backslash, then `u0000`) is six harmless characters, not a NUL.
         if "\\u0000" in text and _contains_nul(document):
             return Rejected("record contains NUL characters, which the ledger cannot store")
-        fields = _fast_fields(document)
-        if fields is not None:
-            return fields
-        try:
-            return EventEnvelope.model_validate(document)
-        except ValidationError as exc:
-            return Rejected(describe_validation_error("EventEnvelope", exc))
+        return document
 
     def _resolve(self, event_type: str, version: int) -> Resolution:
         loaded = len(self.registry.sagas)
@@ -252,7 +289,7 @@ class EventDecoder:
             resolution = self._resolutions[key] = self.registry.resolve(event_type, version)
         return resolution
 
-    def _check_against_sagas(self, envelope: EventEnvelope | _Fields) -> Rejected | None:
+    def _check_against_sagas(self, envelope: TrackedEvent) -> Rejected | None:
         if envelope.event_type in self.confirmation_types:
             return None
         resolution = self._resolve(envelope.event_type, envelope.schema_version)

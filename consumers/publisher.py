@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 
 from sagas.context import Headers
 from sagas.ledger import CompensationRecord, Ledger, TrackedEvent
@@ -124,7 +125,19 @@ class DeadLetters:
         # first would believe the forged ones.
         reserved = {name for name, _ in ours}
         kept = [(name, v) for name, v in headers if name not in reserved]
-        await self.publisher.send(self.topic, value, key, [*kept, *ours])
+        try:
+            await self.publisher.send(self.topic, value, key, [*kept, *ours])
+        except MessageSizeTooLargeError:
+            # The broker took a record larger than our producer may send: keep
+            # the metadata only, rather than crash on it (and again on restart).
+            size = len(value or b"") + len(key or b"") + sum(len(v) for _, v in headers)
+            letter = letter.model_copy(
+                update={
+                    "error": f"{error} (the {size}-byte record is too large to keep in the "
+                    "DLQ: its value is left empty, its key and headers are dropped)"
+                }
+            )
+            await self.publisher.send(self.topic, b"", None, letter.headers())
         try:
             await self.ledger.record_dead_letter(
                 topic=source_topic,

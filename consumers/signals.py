@@ -8,6 +8,7 @@ ledger, so a forger cannot block a legitimate signal by sending its id first.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -25,6 +26,32 @@ from schemas.signal import SIGNATURE_HEADER, RollbackSignal, verify_signature
 from schemas.status import RollbackState, RollbackStatus
 
 log = logging.getLogger(__name__)
+
+
+# Seconds between attempts at a signal while the ledger (or broker) is away.
+RETRY_FIRST_DELAY = 0.2
+RETRY_MAX_DELAY = 5.0
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for errors of an unreachable ledger or broker (worth waiting out), not bugs.
+
+    A database that refuses connections, drops them, or stays locked past
+    the busy timeout surfaces as a DBAPI error other than the integrity,
+    programming, data and not-supported ones, which retrying cannot fix.
+    """
+    from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+    from sqlalchemy import exc as sa
+
+    if isinstance(exc, sa.IntegrityError | sa.ProgrammingError | sa.DataError):
+        return False
+    if isinstance(exc, sa.NotSupportedError):
+        return False
+    if isinstance(exc, KafkaConnectionError | KafkaTimeoutError):
+        return True
+    if isinstance(exc, KafkaError):
+        return bool(exc.retriable)  # not e.g. a record too large, which stays too large
+    return isinstance(exc, sa.DBAPIError | sa.TimeoutError | OSError | TimeoutError)
 
 
 class SignalIntake:
@@ -101,6 +128,44 @@ class SignalIntake:
                     value, key, headers, record.error or "rejected", topic, partition, offset
                 )
             return signal.signal_id
+
+    async def handle_through_outages(
+        self,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None = None,
+    ) -> str:
+        """`handle`, attempted again while the ledger or the broker is unreachable.
+
+        The signals agent acknowledges a record once this returns: were an
+        outage error let through, faust would restart the agent past the
+        record and the signal would be lost. Handling a signal again is safe:
+        a signal already recorded is a duplicate, and a rollback left
+        `accepted` or `planning` is planned again by the next reconcile.
+        """
+        delay = RETRY_FIRST_DELAY
+        while True:
+            try:
+                return await self.handle(
+                    value, headers, topic=topic, partition=partition, offset=offset, key=key
+                )
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning(
+                    "signal %s[%d]@%d not handled (retrying in %.1fs): %s",
+                    topic,
+                    partition,
+                    offset,
+                    delay,
+                    exc,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY)
 
     async def _untrusted(
         self,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
@@ -30,6 +30,19 @@ from sagas.ledger import Ledger, TrackedEvent, TrackedOffset, TrackResult
 log = logging.getLogger(__name__)
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+class _Revocations(ConsumerRebalanceListener):
+    """Counts partition revocations (every rebalance of this member starts with one)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.count += 1
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None
 
 
 class Tracker(Service):
@@ -60,6 +73,7 @@ class Tracker(Service):
         self.duplicates = 0
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
+        self._revocations = _Revocations()
 
     async def on_start(self) -> None:
         """Connect and subscribe (by names, or by the anchored pattern)."""
@@ -82,9 +96,9 @@ class Tracker(Service):
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         if s.tracked_topic_names:
-            self._consumer.subscribe(topics=s.tracked_topic_names)
+            self._consumer.subscribe(topics=s.tracked_topic_names, listener=self._revocations)
         else:
-            self._consumer.subscribe(pattern=s.tracked_pattern.pattern)
+            self._consumer.subscribe(pattern=s.tracked_pattern.pattern, listener=self._revocations)
         await self._consumer.start()
 
     async def on_stop(self) -> None:
@@ -96,6 +110,7 @@ class Tracker(Service):
     async def _consume(self) -> None:
         assert self._consumer is not None
         while not self.should_stop:
+            fetched_in = self._revocations.count
             try:
                 batch = await self._consumer.getmany(
                     timeout_ms=500, max_records=self.settings.tracker_batch_size
@@ -105,10 +120,15 @@ class Tracker(Service):
                 await self.sleep(1.0)
                 continue
             if batch:
-                await self.process(batch)
+                await self.process(batch, fetched_in=fetched_in)
 
-    async def process(self, batch: Batch) -> TrackResult:
-        """Dead-letter the bad records, store the good ones, then commit."""
+    async def process(self, batch: Batch, *, fetched_in: int | None = None) -> TrackResult:
+        """Dead-letter the bad records, store the good ones, then commit.
+
+        `fetched_in` is the rebalance count when the batch was fetched: when a
+        rebalance came between the fetch and the commit, the offsets are not
+        committed (see `_commit`).
+        """
         events: list[TrackedEvent] = []
         offsets: list[TrackedOffset] = []
         commit: dict[TopicPartition, int] = {}
@@ -142,7 +162,7 @@ class Tracker(Service):
             log.exception("late-event / confirmation handling failed for a tracked batch")
         if self.on_batch is not None:
             self.on_batch(result)
-        await self._commit(commit)
+        await self._commit(commit, fetched_in)
         self._record_lag(commit)
         return result
 
@@ -190,9 +210,19 @@ class Tracker(Service):
             metrics.LEDGER_WRITE_SECONDS.observe(time.perf_counter() - started)
             return result
 
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(self, offsets: dict[TopicPartition, int], fetched_in: int | None) -> None:
         assert self._consumer is not None
         if not offsets:
+            return
+        if fetched_in is not None and fetched_in != self._revocations.count:
+            # The group rebalanced while the batch was stored. aiokafka would
+            # commit it under the new generation, and the new assignment may
+            # already have read its positions from that commit: offsets read
+            # from a log the broker has since lost (a restarted development
+            # broker) would then skip the new log's first records. The batch
+            # is stored; whoever owns the partitions now reads it again from
+            # the last commit and the ledger ignores the duplicates.
+            log.info("partitions were reassigned while a batch was stored: not committing it")
             return
         try:
             await self._consumer.commit(offsets)

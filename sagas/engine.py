@@ -113,6 +113,10 @@ class RollbackEngine:
         self._last_tick: dict[str, datetime] = {}
         self._recheck: set[str] = set()
         self._stopping: set[str] = set()
+        # Rollbacks being planned in this process: a reconcile must not plan
+        # them a second time (planning 100,000 events takes longer than its
+        # 5 s timer, and both plans would then run).
+        self._planning: set[str] = set()
         self._last_published: dict[str, dict[str, Any]] = {}
         self._last_sent_at: dict[str, datetime] = {}
 
@@ -144,7 +148,7 @@ class RollbackEngine:
             log.info("duplicate signal %s ignored", rollback_id)
             return await self.ledger.require_rollback(rollback_id)
         await self._publish(rollback_id)
-        await self._plan_and_start(signal)
+        await self._plan_once(signal)
         return await self.ledger.require_rollback(rollback_id)
 
     async def reject(
@@ -216,6 +220,13 @@ class RollbackEngine:
             return set()
         keys = set(await self.ledger.compensation_states(causes))
         return {e.event_id for e in events if e.causation_id in keys}
+
+    async def _plan_once(self, signal: RollbackSignal) -> None:
+        self._planning.add(signal.signal_id)
+        try:
+            await self._plan_and_start(signal)
+        finally:
+            self._planning.discard(signal.signal_id)
 
     async def _plan_and_start(self, signal: RollbackSignal) -> None:
         rollback_id = signal.signal_id
@@ -327,8 +338,11 @@ class RollbackEngine:
         finally:
             self._runs.pop(rollback_id, None)
             if self.observer is not None:
-                finished = await self.ledger.get_rollback(rollback_id)
                 seconds = None
+                try:
+                    finished = await self.ledger.get_rollback(rollback_id)
+                except Exception:  # the ledger is away (why the run ended): no duration
+                    finished = None
                 if finished is not None and finished.finished_at is not None:
                     seconds = (finished.finished_at - finished.created_at).total_seconds()
                 self.observer.rollback_ended(rollback_id, state, seconds)
@@ -413,7 +427,7 @@ class RollbackEngine:
         """Start runs for every unfinished rollback (after a restart or a rebalance)."""
         started = []
         for record in await self.ledger.active_rollbacks(partitions):
-            if record.rollback_id in self._runs:
+            if record.rollback_id in self._runs or record.rollback_id in self._planning:
                 continue
             if record.state in (RollbackState.ACCEPTED, RollbackState.PLANNING):
                 # Crashed before the plan was saved: plan again from the signal.
@@ -429,7 +443,7 @@ class RollbackEngine:
         except ValueError as exc:
             await self._finish(record.rollback_id, RollbackState.REJECTED, f"bad signal: {exc}")
             return
-        await self._plan_and_start(signal)
+        await self._plan_once(signal)
 
     async def stop(self, rollback_ids: Iterable[str] | None = None) -> None:
         """Stop runs (all, or some); their state stays in the ledger for resuming.
@@ -474,7 +488,7 @@ class RollbackEngine:
                 run.confirmed(result.confirmed_keys)
             await self._trace_confirmations(result)
         if result.new_events:
-            await self._late_events(result.new_events)
+            await self._late_events(result.new_events, confirming=set(result.confirmed_keys))
 
     async def _trace_confirmations(self, result: TrackResult) -> None:
         """One `backout confirm` span per confirmation: a child of the confirming
@@ -499,11 +513,17 @@ class RollbackEngine:
             )
             span.end()
 
-    async def _late_events(self, events: list[TrackedEvent]) -> None:
+    async def _late_events(
+        self, events: list[TrackedEvent], *, confirming: set[str] | None = None
+    ) -> None:
         now = self.clock.now()
         open_rollbacks = await self.ledger.quarantining_rollbacks(now)
         if not open_rollbacks:
             return
+        # An event that confirmed a compensation is a compensation's effect
+        # (its causation id is a key): known without asking the ledger.
+        confirming = confirming or set()
+        events = [e for e in events if e.causation_id not in confirming]
         effects = await self._compensation_effects(events)
         candidates = [e for e in events if e.event_id not in effects]
         if not candidates:
@@ -536,9 +556,28 @@ class RollbackEngine:
                     )
                 )
             ]
+            if late and cascade:
+                # Transitively: what the late events caused, whether it came in
+                # this batch or was tracked before its cause (partitions of
+                # different topics are read in no particular order).
+                late += await self._late_descendants(record.rollback_id, late)
             if late:
                 first_position = await self.ledger.planned_event_count(record.rollback_id)
                 await self._add_late(record, late, first_position=first_position)
+
+    async def _late_descendants(
+        self, rollback_id: str, late: list[TrackedEvent]
+    ) -> list[TrackedEvent]:
+        """Tracked events caused by `late`, transitively, not planned yet."""
+        known = {e.event_id for e in late}
+        descendants = [e for e in await self.ledger.causal_closure(late) if e.event_id not in known]
+        if not descendants:
+            return []
+        effects = await self._compensation_effects(descendants)
+        planned = await self.ledger.planned_event_ids(
+            rollback_id, (e.event_id for e in descendants)
+        )
+        return [e for e in descendants if e.event_id not in effects | planned]
 
     async def _add_late(
         self, record: RollbackRecord, late: list[TrackedEvent], *, first_position: int

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from sagas import tracing
@@ -115,6 +116,8 @@ class RollbackRun:
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
         self._items: dict[str, _Item] = {}
+        # Resolved once per (event type, version, step name), not per item.
+        self._steps: dict[tuple[str, int, str], CompensationStep] = {}
         self._events: dict[str, TrackedEvent] = {}
         self._wake = asyncio.Event()
         # Set by `wake()`: re-read the ledger at the next turn of the loop. A
@@ -188,7 +191,7 @@ class RollbackRun:
         """Read new plan items (late events) and states changed outside this run."""
         fresh = await self.ledger.plan_items(self.rollback_id, min_position=self._next_position)
         fresh = [r for r in fresh if r.idempotency_key not in self._items]
-        missing_events = {r.event_id for r in fresh} - set(self._events)
+        missing_events = {r.event_id for r in fresh if r.event_id not in self._events}
         if missing_events:
             self._events.update(await self.ledger.events_by_id(missing_events))
         for record in fresh:
@@ -226,10 +229,17 @@ class RollbackRun:
         self._last_refresh = now
         if since is None:
             return
-        changed = await self.ledger.changed_compensations(
+        states = await self.ledger.changed_states(
             self.rollback_id, since=since - timedelta(seconds=2)
         )
-        for record in changed:
+        differ = []
+        for key, state in states:
+            item = self._items.get(key)
+            if item is not None and state != item.state and key not in self._running_here:
+                differ.append(key)
+        if not differ:
+            return
+        for record in await self.ledger.get_compensations(differ):
             item = self._items.get(record.idempotency_key)
             if item is None or record.state == item.state or item.key in self._running_here:
                 continue
@@ -301,6 +311,13 @@ class RollbackRun:
                 self._ready.discard(key)
 
     def _step_for(self, record: CompensationRecord) -> CompensationStep:
+        slot = (record.event_type, record.target_version, record.step)
+        step = self._steps.get(slot)
+        if step is None:
+            step = self._steps[slot] = self._find_step(record)
+        return step
+
+    def _find_step(self, record: CompensationRecord) -> CompensationStep:
         resolution = self.registry.resolve(record.event_type, record.target_version)
         if isinstance(resolution, Compensate) and resolution.step.name == record.step:
             return resolution.step
@@ -331,6 +348,9 @@ class RollbackRun:
                 finished = all(_done(i, i.state) for i in self._items.values())
                 return RunResult(finished=finished, failed=failed, paused=False)
             await self._wait(now)
+            # Attempts acknowledged by the same produce response finish in the
+            # next turn of the event loop: collect them in one ledger write.
+            await asyncio.sleep(0)
             await self._collect()
             self._wake.clear()
             if self._reload or (self.clock.now() - last_poll).total_seconds() >= self.poll_interval:
@@ -510,6 +530,15 @@ class RollbackRun:
 
     async def _attempt(self, item: _Item, attempt: int) -> Outcome:
         event = self._events[item.record.event_id]
+        if not _tracing_installed():
+            # OpenTelemetry's no-op tracer hands back the current span as the
+            # "new" one: skipping it changes nothing but the cost (two spans
+            # per compensation were ~15% of a worker's CPU in a rollback).
+            outcome = await self._call(item, event, attempt)
+            traceparent = tracing.traceparent_of_span(trace.get_current_span())
+            if traceparent is None:
+                return outcome
+            return dataclasses.replace(outcome, traceparent=traceparent)
         with tracing.tracer().start_as_current_span(
             tracing.SPAN_COMPENSATE,
             links=tracing.link_to(event.traceparent, event.tracestate),
@@ -548,7 +577,9 @@ class RollbackRun:
                 saga=step.saga,
                 sink=self.sink,
             )
-            await asyncio.wait_for(step.handler(argument, context), timeout=step.retry.timeout)
+            # A timeout scope, not `wait_for`: no extra task per attempt.
+            async with asyncio.timeout(step.retry.timeout):
+                await step.handler(argument, context)
         except PermanentError as exc:
             return Outcome(item.key, S.FAILED, error=f"permanent error: {exc}")
         except asyncio.CancelledError:
@@ -586,6 +617,13 @@ class RollbackRun:
             error=error,
             next_attempt_at=self.clock.now() + timedelta(seconds=wait),
         )
+
+
+def _tracing_installed() -> bool:
+    """Whether a real tracer provider is installed (else every span is a no-op)."""
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
 
 
 def _is_open(item: _Item, state: S) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sagas.errors import LedgerError
 from sagas.ledger import tables as t
@@ -22,7 +22,7 @@ from sagas.ledger.records import (
     RollbackRecord,
     as_utc,
 )
-from sagas.ledger.tracking import chunks, write_transaction
+from sagas.ledger.tracking import chunks, one_of, write_transaction
 
 S = CompensationState
 ACTIVE_ROLLBACK_STATES = ("accepted", "planning", "running", "paused")
@@ -324,7 +324,7 @@ class RollbackStore:
             await conn.execute(
                 update(t.compensations)
                 .where(
-                    t.compensations.c.idempotency_key.in_(part),
+                    one_of(conn, t.compensations.c.idempotency_key, part),
                     t.compensations.c.state == S.FAILED,
                 )
                 .values(state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
@@ -378,7 +378,8 @@ class RollbackStore:
         )
         async with self.engine.connect() as conn:
             for part in chunks(ids):
-                result = await conn.execute(query.where(t.compensations.c.event_id.in_(part)))
+                in_part = one_of(conn, t.compensations.c.event_id, part)
+                result = await conn.execute(query.where(in_part))
                 found.update(result.scalars().all())
         return found
 
@@ -406,27 +407,23 @@ class RollbackStore:
         another rollback sharing the key. The run's own writes are left out,
         so a poll reads what changed elsewhere, not the run's own progress.
         """
-        c = t.compensations.c
-        query = (
-            select(t.compensations)
-            .join(
-                t.rollback_items,
-                and_(
-                    t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
-                    t.rollback_items.c.rollback_id == rollback_id,
-                ),
-            )
-            .where(
-                c.updated_at >= since,
-                or_(
-                    c.state.in_([S.CONFIRMED, S.SKIPPED]),
-                    and_(c.claimed_by.is_not(None), c.claimed_by != rollback_id),
-                    and_(c.state == S.PENDING, c.attempts == 0, c.claimed_by.is_not(None)),
-                ),
-            )
-        )
+        query = _changed_elsewhere(select(t.compensations), rollback_id, since)
         async with self.engine.connect() as conn:
             return [compensation_from_row(r) for r in (await conn.execute(query)).all()]
+
+    async def changed_states(
+        self, rollback_id: str, *, since: datetime
+    ) -> list[tuple[str, CompensationState]]:
+        """(key, state) of what `changed_compensations` would return, and nothing else.
+
+        A run polls this twice a second; most rows it returns are changes the
+        run knows already (its own confirmations), so it reads two columns and
+        fetches whole records only for the keys that really differ.
+        """
+        c = t.compensations.c
+        query = _changed_elsewhere(select(c.idempotency_key, c.state), rollback_id, since)
+        async with self.engine.connect() as conn:
+            return [(key, S(state)) for key, state in (await conn.execute(query)).all()]
 
     async def compensation_states(self, keys: Iterable[str]) -> dict[str, CompensationState]:
         """The current state of each key."""
@@ -436,7 +433,7 @@ class RollbackStore:
             for part in chunks(ordered):
                 result = await conn.execute(
                     select(t.compensations.c.idempotency_key, t.compensations.c.state).where(
-                        t.compensations.c.idempotency_key.in_(part)
+                        one_of(conn, t.compensations.c.idempotency_key, part)
                     )
                 )
                 states.update({k: S(s) for k, s in result.all()})
@@ -448,9 +445,8 @@ class RollbackStore:
         found: list[CompensationRecord] = []
         async with self.engine.connect() as conn:
             for part in chunks(ordered):
-                result = await conn.execute(
-                    select(t.compensations).where(t.compensations.c.idempotency_key.in_(part))
-                )
+                in_part = one_of(conn, t.compensations.c.idempotency_key, part)
+                result = await conn.execute(select(t.compensations).where(in_part))
                 found.extend(compensation_from_row(r) for r in result.all())
         return found
 
@@ -462,7 +458,7 @@ class RollbackStore:
             for part in chunks(ordered):
                 result = await conn.execute(
                     select(t.compensations.c.idempotency_key, t.compensations.c.traceparent).where(
-                        t.compensations.c.idempotency_key.in_(part),
+                        one_of(conn, t.compensations.c.idempotency_key, part),
                         t.compensations.c.traceparent.is_not(None),
                     )
                 )
@@ -504,8 +500,8 @@ class RollbackStore:
                 result = await conn.execute(
                     update(t.compensations)
                     .where(
-                        t.compensations.c.idempotency_key.in_(part),
-                        t.compensations.c.state == S.PENDING,
+                        one_of(conn, t.compensations.c.idempotency_key, part),
+                        _by_key(conn) == S.PENDING,
                     )
                     .values(
                         state=S.RUNNING,
@@ -570,8 +566,8 @@ class RollbackStore:
                 result = await conn.execute(
                     update(t.compensations)
                     .where(
-                        t.compensations.c.idempotency_key.in_(part),
-                        t.compensations.c.state == S.APPLIED,
+                        one_of(conn, t.compensations.c.idempotency_key, part),
+                        _by_key(conn) == S.APPLIED,
                     )
                     .values(state=next_state, last_error=error, next_attempt_at=now, updated_at=now)
                     .returning(t.compensations.c.idempotency_key)
@@ -600,8 +596,8 @@ class RollbackStore:
                 result = await conn.execute(
                     update(t.compensations)
                     .where(
-                        t.compensations.c.idempotency_key.in_(part),
-                        t.compensations.c.state.in_(list(only_from)),
+                        one_of(conn, t.compensations.c.idempotency_key, part),
+                        _by_key(conn).in_(list(only_from)),
                     )
                     .values(**values)
                     .returning(t.compensations.c.idempotency_key)
@@ -717,6 +713,45 @@ class RollbackStore:
                 select(t.dead_letters).order_by(t.dead_letters.c.id.desc()).limit(limit)
             )
             return [dict(r._mapping) for r in result.all()]
+
+
+def _by_key(conn: AsyncConnection) -> Any:
+    """`compensations.state` for a WHERE that also names the keys.
+
+    SQLite has no statistics on a fresh ledger and, for `key IN (...) AND
+    state = ?`, prefers the `state` index, walking every pending row of every
+    plan for each claim (measured: a 100,000-compensation rollback 4 times
+    slower per compensation than a 10,000 one). `state || ''` is the same
+    value without the index, so the primary key serves the lookup.
+    PostgreSQL plans by statistics and gets the plain column.
+    """
+    state = t.compensations.c.state
+    return state.concat("") if conn.dialect.name == "sqlite" else state
+
+
+def _changed_elsewhere(query: Any, rollback_id: str, since: datetime) -> Any:
+    """`query` over a rollback's compensations, narrowed to changes made elsewhere."""
+    c = t.compensations.c
+    # EXISTS, not a join: SQLite then walks the `updated_at` index (what
+    # changed) and probes the plan's primary key, instead of walking the
+    # whole plan and probing each compensation (measured: O(plan) per poll).
+    in_plan = (
+        select(t.rollback_items.c.idempotency_key)
+        .where(
+            t.rollback_items.c.rollback_id == rollback_id,
+            t.rollback_items.c.idempotency_key == c.idempotency_key,
+        )
+        .exists()
+    )
+    return query.where(
+        in_plan,
+        c.updated_at >= since,
+        or_(
+            c.state.in_([S.CONFIRMED, S.SKIPPED]),
+            and_(c.claimed_by.is_not(None), c.claimed_by != rollback_id),
+            and_(c.state == S.PENDING, c.attempts == 0, c.claimed_by.is_not(None)),
+        ),
+    )
 
 
 async def _explain_refusal(conn: Any, key: str, action: str, allowed: str) -> None:

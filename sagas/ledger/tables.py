@@ -159,6 +159,8 @@ rollback_items = Table(
     Column("depends_on", JSON, nullable=False, default=list),
     Column("late", Boolean, nullable=False, default=False),
     Index(None, "idempotency_key"),
+    # A run re-reads its plan from the last position it knows (late items).
+    Index(None, "rollback_id", "position"),
 )
 
 tracked_offsets = Table(

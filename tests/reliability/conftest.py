@@ -174,9 +174,7 @@ MakeStack = Callable[..., Awaitable[ChaosStack]]
 
 
 @pytest.fixture
-async def make_chaos_stack(
-    kafka_bootstrap: str, tmp_path: Path
-) -> AsyncIterator[MakeStack]:
+async def make_chaos_stack(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[MakeStack]:
     """Factory: `await make_chaos_stack(ledger_url, workers=1, bootstrap=None, **env)`.
 
     Topics are created first; workers are built but not started. Every

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import multiprocessing
 import os
 import random
 import time
@@ -179,12 +181,17 @@ def _check_dead_letter(letter: Record, sent: Sent) -> None:
     """Original bytes and headers, one of each `backout-*` header, a readable reason."""
     record = sent.record
     where = f"{record.kind} @ {sent.source}"
-    assert letter.value == record.value, f"{where}: the DLQ record lost the original bytes"
-    assert letter.key == record.key, where
     ours = [(n, v) for n, v in letter.headers if n in DLQ_HEADERS]
     assert sorted(n for n, _ in ours) == sorted(DLQ_HEADERS), f"{where}: {ours}"
-    original = [(n, v) for n, v in record.headers if n not in DLQ_HEADERS]
-    assert [(n, v) for n, v in letter.headers if n not in DLQ_HEADERS] == original, where
+    if record.kind in nasty.TOO_LARGE_FOR_DLQ:
+        assert (letter.value, letter.key) == (b"", None), where
+        assert len(letter.headers) == len(DLQ_HEADERS), where
+        assert "too large to keep in the DLQ" in dict(ours)[ERROR_HEADER].decode(), where
+    else:
+        assert letter.value == record.value, f"{where}: the DLQ record lost the original bytes"
+        assert letter.key == record.key, where
+        original = [(n, v) for n, v in record.headers if n not in DLQ_HEADERS]
+        assert [(n, v) for n, v in letter.headers if n not in DLQ_HEADERS] == original, where
     raw_error = dict(ours)[ERROR_HEADER]
     error = raw_error.decode("utf-8")  # strict: a readable reason is valid text
     assert error.strip(), f"{where}: empty reason"
@@ -230,7 +237,9 @@ async def _cycle_rollback(target: Target, ev: Events, signals: Signals) -> dict[
         timeout=60,
         what=lambda _r: f"rollback {rollback_id} over a causation cycle did not end",
     )
-    final = next(r.json() for r in reversed(statuses) if r.json()["rollback_id"] == rollback_id)
+    final: dict[str, Any] = next(
+        r.json() for r in reversed(statuses) if r.json()["rollback_id"] == rollback_id
+    )
     assert final["state"] == "completed", final
     assert (final["planned"], final["applied"]) == (3, 3), final
     commands = await read_topic(
@@ -246,12 +255,19 @@ async def _cycle_rollback(target: Target, ev: Events, signals: Signals) -> dict[
 
 async def run_storm(make: MakeTarget, ledger_url: str, count: int, pool_size: int) -> None:
     seed = int(os.environ.get("BACKOUT_FUZZ_SEED") or random.randrange(2**32))
-    print(f"fuzz: seed {seed} (BACKOUT_FUZZ_SEED={seed} replays it), {count} records")
+    print(f"fuzz: seed {seed} (BACKOUT_FUZZ_SEED={seed} replays the same mix), {count} records")
     rng = random.Random(seed)
-    # Hypothesis harvests (CPU) while the worker starts (mostly waiting).
+    # Hypothesis harvests while the worker starts, in a process of its own:
+    # in a thread it would see aiokafka's use of `random` as its own.
     started = time.monotonic()
-    harvesting = asyncio.create_task(asyncio.to_thread(Pools.harvest, pool_size, seed))
-    target = await make(ledger_url)
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        harvesting = asyncio.get_running_loop().run_in_executor(
+            pool, Pools.harvest, pool_size, seed
+        )
+        target = await make(ledger_url)
+        pools = await harvesting
+    harvested = time.monotonic() - started
     ev, signals = Events(target.tag, rng), Signals(target.tag)
     topics = [target.events_topic(s) for s in ("orders", "payments", "stock")]
 
@@ -259,9 +275,6 @@ async def run_storm(make: MakeTarget, ledger_url: str, count: int, pool_size: in
     warm = [ev.good("warm-up", ev.document(deployment_id=ev.deployments[0])) for _ in range(3)]
     await nasty.produce(target.bootstrap, [(topics[0], r) for r in warm])
     await nasty.wait_tracked(target, [r.event_id or "" for r in warm], timeout=30)
-
-    pools = await harvesting
-    harvested = time.monotonic() - started
 
     def good_signal() -> Nasty:
         document = signals.document(deployment_id=ev.deployments[0], dry_run=True)
@@ -346,8 +359,11 @@ async def run_storm(make: MakeTarget, ledger_url: str, count: int, pool_size: in
         by_source[source_of(letter)].append(letter)
     strays = set(by_source) - set(bad)
     assert not strays, f"dead letters of good records: {[str(by_source[s][0]) for s in strays]}"
+    # Once each, unless a rebalance made the tracker re-read uncommitted records
+    # (at-least-once; a join per consumer group at start is normal).
     twice = {s: len(v) for s, v in by_source.items() if len(v) > 1}
-    assert not twice, f"records dead-lettered more than once: {twice}"
+    rejoins = target.worker.log_since_start().count("(Re-)joining group") - 2
+    assert not twice or rejoins > 0, f"records dead-lettered more than once: {twice}"
     for source, sent_record in bad.items():
         _check_dead_letter(by_source[source][0], sent_record)
 
@@ -376,13 +392,13 @@ async def run_storm(make: MakeTarget, ledger_url: str, count: int, pool_size: in
     backend = ledger_url.split(":")[0]
     report(
         f"fuzz [{backend}] seed {seed}: {len(sent)} records sent in {produced:.1f}s, all settled "
-        f"{settled:.1f}s after the first send (tracking {tracking:.1f}s; {harvested:.1f}s to "
-        f"harvest {pool_size} hypothesis examples per strategy, overlapping the worker's start)"
+        f"{settled:.1f}s after the first send (tracking {tracking:.1f}s); {harvested:.1f}s to "
+        f"start the worker and harvest {pool_size} hypothesis examples per strategy, in parallel"
     )
     report(
         f"  good events tracked: {len(good_events)} (+{len(warm)} warm-up; ledger: {tracked}); "
-        f"bad records dead-lettered once each: {len(bad)} ({len(bad) - bad_signals} events, "
-        f"{bad_signals} signals)"
+        f"bad records dead-lettered: {len(bad)} ({len(bad) - bad_signals} events, "
+        f"{bad_signals} signals; {len(twice)} twice after {max(rejoins, 0)} rebalances)"
     )
     report(f"  dead letters by family: {dict(families.most_common())}")
     report(

@@ -277,11 +277,44 @@ async def test_unsigned_or_forged_signals_are_rejected_and_do_not_block_the_real
     )
     assert sorted(c.compensates or "" for c in commands) == sorted(ids)
     assert real[0].offset > max(s.offset for s in sent)
+
+    # Replaying the valid signed record (captured off the topic) changes nothing:
+    # same id, one rollback. A signed dry run behind it (same key, same
+    # partition) proves the worker has read the replay.
+    behind = _signal(deployment, dry_run=True)
+    await produce(
+        target.bootstrap,
+        [
+            (target.signals_topic, _record(signal, "replayed")),
+            (target.signals_topic, _record(behind, "behind")),
+        ],
+    )
+    await _until_state(target, behind.signal_id, {"planned"})
+    replayed = await _until_state(target, signal.signal_id, {"completed"})
+    assert [s["state"] for s in replayed].count("accepted") == 1
+    assert len(await _until_state(target, signal.signal_id, {"completed"})) == len(statuses)
     report(
         f"security: {len(forged)} forged/unsigned signals with one signal_id -> {len(rejected)} "
         f"rejected statuses + {len(letters)} dead letters; the valid one after them -> "
-        f"{statuses[-1]['state']} ({statuses[-1]['applied']}/{statuses[-1]['planned']})"
+        f"{statuses[-1]['state']} ({statuses[-1]['applied']}/{statuses[-1]['planned']}); "
+        "its replay -> nothing"
     )
+
+
+async def test_the_api_refuses_a_signal_the_ledger_could_not_store(secured: Secured) -> None:
+    """NUL in a text field: 400 from the API (PostgreSQL cannot store it; a worker that
+    received such a signal would reject it, see test_fuzz)."""
+    target = secured.target
+    for body in (  # json.dumps writes the NUL as the escape \u0000
+        {"deployment_id": "orders\x00"},
+        {"deployment_id": "orders", "signal_id": "id\x00"},
+        {"deployment_id": "orders", "reason": "\x00"},
+    ):
+        status, answer = await http(
+            target, "POST", "/api/rollbacks", body, Authorization=f"Bearer {TOKEN}"
+        )
+        assert status == 400, answer
+        assert "NUL" in answer["error"], answer
 
 
 async def test_the_signature_covers_the_bytes_as_sent_not_a_re_serialisation(

@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -308,6 +308,7 @@ class EventProducer:
         *,
         signal_id: str | None = None,
         partition: int | None = None,
+        dry_run: bool = False,
     ) -> str:
         """Publish a rollback signal (unsigned, canonical JSON); returns its id."""
         signal = RollbackSignal(
@@ -316,6 +317,7 @@ class EventProducer:
             reason="reliability suite",
             requested_by="tests.reliability",
             force=True,
+            dry_run=dry_run,
             issued_at=datetime.now(UTC),
         )
         await self._producer.send_and_wait(
@@ -665,7 +667,8 @@ async def ledger_outage(database_url: str, admin_dsn: str | None) -> AsyncIterat
         async with sqlite_outage(url.database):
             yield "SQLite write lock held by another connection (BEGIN EXCLUSIVE)"
         return
-    assert admin_dsn is not None and url.database
+    assert admin_dsn is not None
+    assert url.database
     async with postgres_outage(admin_dsn, url.database):
         yield "PostgreSQL database refusing connections, sessions terminated"
 
@@ -695,9 +698,3 @@ def seed_from_env(name: str = "CHAOS_SEED") -> int:
     """A random seed, or `$CHAOS_SEED` to replay a run."""
     value = os.environ.get(name)
     return int(value) if value else random.SystemRandom().randrange(2**32)
-
-
-def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """`items` in slices of `size`."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

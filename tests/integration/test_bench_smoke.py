@@ -1,0 +1,70 @@
+"""`python -m bench --quick`: the benchmark harness runs end to end and prints its table.
+
+A smoke test, not a timed one: it asserts that every scenario produced its
+row (tracking, rollback, memory, and peer, measured or skipped with the
+reason), never a number. The full benchmark and its targets are in
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.worker import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(900)
+def test_the_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
+    results = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(results)],
+        cwd=ROOT,
+        env=subprocess_env({}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-6000:]
+
+    table = completed.stdout
+    assert "Backout benchmark (quick" in table, output[-6000:]
+    for scenario in ("tracking", "rollback", "memory", "peer"):
+        assert any(line.lstrip("│| ").startswith(scenario) for line in table.splitlines()), (
+            f"no {scenario} row in:\n{table}"
+        )
+    for metric in (
+        "events/s into the ledger",
+        "compensations/s (signal -> all applied)",
+        "signal -> all confirmed",
+        "worker peak RSS (VmHWM)",
+        "compensations/s vs DBOS workflows",
+    ):
+        assert metric in table, f"no {metric!r} row in:\n{table}"
+
+    rows = json.loads(results.read_text())["rows"]
+    by_scenario = {row["scenario"] for row in rows}
+    assert by_scenario == {"tracking", "rollback", "memory", "peer"}
+    for row in rows:
+        if row["note"] and not row["values"]:
+            continue  # e.g. no DBOS virtualenv here: the row says why
+        assert row["values"], f"row without a measurement: {row}"
+        assert all(value > 0 for value in row["values"]), row
+        if row["baseline_label"]:
+            assert row["baseline"], row
+            assert all(value > 0 for value in row["baseline"]), row
+
+
+def test_the_benchmarks_page_gives_the_commands_this_test_runs() -> None:
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert "python -m bench --quick" in page
+    assert "python -m bench\n" in page
