@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.procs import postgres_available
-from bench.report import SCENARIOS, print_report
+from bench.report import SCENARIOS, markdown, print_report
 from bench.scenarios import Bench, Sizes, run_all, summary
 
 
@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="BACKOUT_CONCURRENCY of the workers (default 1024; the worker's own default is 64)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--markdown", type=Path, help="also write the table as Markdown to this file"
+    )
     parser.add_argument("--workdir", type=Path, help="keep logs and databases here")
     return parser.parse_args(argv)
 
@@ -100,6 +103,8 @@ async def main_async(args: argparse.Namespace) -> int:
             f"BACKOUT_CONCURRENCY={args.concurrency})"
         )
         print_report(bench.rows, title, Console(width=200, soft_wrap=False))
+        if args.markdown is not None:
+            args.markdown.write_text(markdown(bench.rows) + "\n")
         if args.json is not None:
             args.json.write_text(
                 json.dumps(

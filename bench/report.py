@@ -137,3 +137,22 @@ def print_report(rows: Sequence[Row], title: str, console: Console | None = None
             console.print(f"  note ({row.scenario}, {row.case}): {row.note}")
         elif row.note:
             console.print(f"  {row.scenario} {row.case}: {row.note}")
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The results as a Markdown table (docs/benchmarks.md)."""
+    lines = [
+        "| scenario | case | metric | Backout | baseline | ratio | target | met |",
+        "|---|---|---|--:|--:|--:|---|:-:|",
+    ]
+    for row in rows:
+        baseline = ""
+        if row.baseline:
+            baseline = f"{spread(row.baseline, row.unit)} ({row.baseline_label})"
+        value = spread(row.values, row.unit) if row.values else (row.note or "—")
+        met = met_text(row).replace("[green]", "").replace("[red]", "").replace("[/]", "")
+        lines.append(
+            f"| {row.scenario} | {row.case} | {row.metric} | {value} | {baseline} "
+            f"| {ratio_text(row)} | {row.target_label} | {met} |"
+        )
+    return "\n".join(lines)
