@@ -33,11 +33,12 @@ from consumers.webcore import (
     require_write_access,
     runtime_of,
 )
+from sagas.engine import rollback_status
 from sagas.ledger import CompensationRecord, Counts, RollbackRecord
 from schemas._base import utc_now
 from schemas.errors import describe_validation_error
 from schemas.signal import RollbackSignal
-from schemas.status import RollbackState, RollbackStatus
+from schemas.status import RollbackStatus
 
 if TYPE_CHECKING:
     from consumers.runtime import Runtime
@@ -95,22 +96,7 @@ async def deployments(request: web.Request) -> web.Response:
 
 
 def _status(record: RollbackRecord, counts: Counts) -> RollbackStatus:
-    return RollbackStatus(
-        rollback_id=record.rollback_id,
-        deployment_id=record.deployment_id,
-        dry_run=record.dry_run,
-        state=RollbackState(record.state),
-        planned=counts.planned,
-        applied=counts.applied,
-        confirmed=counts.confirmed,
-        failed=counts.failed,
-        skipped=counts.skipped,
-        manual=counts.manual,
-        uncovered=counts.uncovered,
-        late=counts.late,
-        error=record.error,
-        updated_at=record.updated_at,
-    )
+    return rollback_status(record, counts, updated_at=record.updated_at)
 
 
 def _summary(record: RollbackRecord, counts: Counts) -> dict[str, Any]:

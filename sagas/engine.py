@@ -23,6 +23,7 @@ from sagas.errors import LedgerError, PlanningError
 from sagas.executor import FailureSink, RollbackRun, RunResult
 from sagas.ledger import (
     CompensationState,
+    Counts,
     Ledger,
     Outcome,
     RollbackRecord,
@@ -664,22 +665,7 @@ class RollbackEngine:
         """The current status record of a rollback."""
         record = await self.ledger.require_rollback(rollback_id)
         counts = await self.ledger.counts(rollback_id)
-        return RollbackStatus(
-            rollback_id=rollback_id,
-            deployment_id=record.deployment_id,
-            dry_run=record.dry_run,
-            state=RollbackState(record.state),
-            planned=counts.planned,
-            applied=counts.applied,
-            confirmed=counts.confirmed,
-            failed=counts.failed,
-            skipped=counts.skipped,
-            manual=counts.manual,
-            uncovered=counts.uncovered,
-            late=counts.late,
-            error=record.error,
-            updated_at=self.clock.now(),
-        )
+        return rollback_status(record, counts, updated_at=self.clock.now())
 
     async def _publish(self, rollback_id: str) -> None:
         if self.status is None:
@@ -693,6 +679,28 @@ class RollbackEngine:
         await self.status.publish(status)
 
 
+def rollback_status(
+    record: RollbackRecord, counts: Counts, *, updated_at: datetime
+) -> RollbackStatus:
+    """The status record (DESIGN §2.4) of a rollback with these counts."""
+    return RollbackStatus(
+        rollback_id=record.rollback_id,
+        deployment_id=record.deployment_id,
+        dry_run=record.dry_run,
+        state=RollbackState(record.state),
+        planned=counts.planned,
+        applied=counts.applied,
+        confirmed=counts.confirmed,
+        failed=counts.failed,
+        skipped=counts.skipped,
+        manual=counts.manual,
+        uncovered=counts.uncovered,
+        late=counts.late,
+        error=record.error,
+        updated_at=updated_at,
+    )
+
+
 __all__ = [
     "BlastRadius",
     "CompensationState",
@@ -700,4 +708,5 @@ __all__ = [
     "EngineSettings",
     "RollbackEngine",
     "StatusSink",
+    "rollback_status",
 ]
