@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -17,8 +20,8 @@ MIGRATION_LOCK_KEY = 0x6261636B6F7574
 def create_engine(url: str) -> AsyncEngine:
     """An async engine for `url`, tuned for the ledger's access pattern.
 
-    SQLite gets WAL mode (the CLI and the HTTP API read while the worker
-    writes) and a busy timeout instead of failing at once on a locked file.
+    SQLite gets a busy timeout instead of failing at once on a locked file
+    (WAL mode is set once per file, by `migrate`).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -27,7 +30,6 @@ def create_engine(url: str) -> AsyncEngine:
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -46,6 +48,39 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+# How long to keep trying to switch a new SQLite file to WAL while other
+# processes hold it (the same as the busy timeout).
+WAL_SWITCH_TIMEOUT = 30.0
+
+
+async def use_wal(engine: AsyncEngine, timeout: float = WAL_SWITCH_TIMEOUT) -> None:
+    """Put a SQLite file in WAL mode (the CLI and the HTTP API read while the
+    worker writes); the mode is stored in the file, so this is done once.
+
+    Not in the connect hook: switching needs the file to itself, and SQLite
+    answers "database is locked" at once, without waiting out the busy
+    timeout, while another connection holds it (workers started together on
+    a new ledger, one of them migrating). The hook runs on the event loop and
+    cannot wait without blocking the very connection it waits for; here the
+    retries sleep asynchronously.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            async with engine.connect() as connection:
+                mode = (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar()
+                if str(mode).lower() in ("wal", "memory"):
+                    return
+                await connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+                return
+        except OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """Apply every Alembic migration not yet applied (idempotent).
 
@@ -54,6 +89,8 @@ async def migrate(engine: AsyncEngine) -> None:
     taken before Alembic reads the schema version, so each one after the
     first finds the schema up to date.
     """
+    if engine.dialect.name == "sqlite":
+        await use_wal(engine)
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(
