@@ -102,7 +102,7 @@ async def main_async(args: argparse.Namespace) -> int:
             f"{'median of ' + str(runs) + ' runs [min-max]' if runs > 1 else '1 run'}, "
             f"BACKOUT_CONCURRENCY={args.concurrency})"
         )
-        print_report(bench.rows, title, Console(width=200, soft_wrap=False))
+        print_report(bench.rows, title, Console(width=240, soft_wrap=False))
         if args.markdown is not None:
             args.markdown.write_text(markdown(bench.rows) + "\n")
         if args.json is not None:

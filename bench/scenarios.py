@@ -136,7 +136,7 @@ class Bench:
                     unit="ev/s",
                     values=results[kind][0],
                     baseline=results[kind][1],
-                    baseline_label="raw aiokafka + Core insert",
+                    baseline_label="raw consumer + insert",
                     target=0.8,
                     target_label=">= 0.8x raw",
                 )
@@ -448,15 +448,13 @@ class Bench:
             case,
             "compensations/s vs DBOS workflows",
             "/s",
-            baseline_label="DBOS 4-step workflows",
+            baseline_label="DBOS",
             target=50,
             target_label=">= 50x DBOS",
         )
         self.rows.append(row)
         pg_problem = await postgres_available()
-        row.baseline_label = (
-            f"DBOS 4-step workflows, {'PostgreSQL' if pg_problem is None else 'SQLite'}"
-        )
+        row.baseline_label = f"DBOS on {'PostgreSQL' if pg_problem is None else 'SQLite'}"
         missing = _dbos_missing()
         if missing:
             row.note = f"skipped: {missing}"

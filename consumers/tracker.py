@@ -21,6 +21,7 @@ from mode import Service
 
 from consumers import metrics
 from consumers.decoding import EventDecoder, Rejected
+from consumers.memory import MemoryReleaser
 from consumers.publisher import DeadLetters
 from consumers.settings import Settings
 from sagas.clock import Clock
@@ -74,6 +75,7 @@ class Tracker(Service):
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._revocations = _Revocations()
+        self._memory = MemoryReleaser()
 
     async def on_start(self) -> None:
         """Connect and subscribe (by names, or by the anchored pattern)."""
@@ -93,7 +95,10 @@ class Tracker(Service):
             metadata_max_age_ms=int(s.topic_refresh_seconds * 1000),
             max_poll_records=s.tracker_batch_size,
             fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            # What the fetcher may hold per partition ahead of processing: at
+            # 4 MB, 12 partitions of backlog could keep ~50 MB of raw records
+            # resident; 1 MB still fills a 2,000-record batch.
+            max_partition_fetch_bytes=1024 * 1024,
         )
         if s.tracked_topic_names:
             self._consumer.subscribe(topics=s.tracked_topic_names, listener=self._revocations)
@@ -164,6 +169,7 @@ class Tracker(Service):
             self.on_batch(result)
         await self._commit(commit, fetched_in)
         self._record_lag(commit)
+        await self._memory.count(sum(len(records) for records in batch.values()))
         return result
 
     def _record_lag(self, positions: dict[TopicPartition, int]) -> None:
