@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sagas.errors import UpcastError
-from sagas.ledger import TrackedEvent
+from sagas.ledger import TrackedEvent, tracked_from_envelope
 from sagas.registry import Compensate, Resolution, SagaRegistry, Uncovered
 from sagas.tracing import traceparent_of
 from schemas.envelope import EventEnvelope
@@ -219,18 +219,8 @@ class EventDecoder:
                 envelope = EventEnvelope.model_validate(document)
             except ValidationError as exc:
                 return Rejected(describe_validation_error("EventEnvelope", exc))
-            event = TrackedEvent(
-                event_id=envelope.event_id,
-                event_type=envelope.event_type,
-                schema_version=envelope.schema_version,
-                service=envelope.service,
-                service_version=envelope.service_version,
-                deployment_id=envelope.deployment_id,
-                occurred_at=envelope.occurred_at,
-                payload=dict(envelope.payload),
-                correlation_id=envelope.correlation_id,
-                causation_id=envelope.causation_id,
-                key=envelope.key,
+            event = tracked_from_envelope(
+                envelope,
                 topic=topic,
                 partition=partition,
                 offset=offset,

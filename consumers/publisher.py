@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from sagas.context import Headers
-from sagas.ledger import CompensationRecord, Ledger, TrackedEvent
+from sagas.ledger import CompensationRecord, Ledger, TrackedEvent, envelope_fields
 from sagas.tracing import current_headers
 from schemas.dlq import DeadLetter
 from schemas.headers import COMPENSATES_HEADER, IDEMPOTENCY_KEY_HEADER, ROLLBACK_ID_HEADER
@@ -155,22 +155,9 @@ class DeadLetters:
         """An exhausted compensation: its event goes to the DLQ with the reason."""
         from datetime import UTC, datetime
 
-        value = json.dumps(
-            {
-                "event_id": event.event_id,
-                "event_type": event.event_type,
-                "schema_version": event.schema_version,
-                "service": event.service,
-                "service_version": event.service_version,
-                "deployment_id": event.deployment_id,
-                "occurred_at": event.occurred_at.isoformat(),
-                "correlation_id": event.correlation_id,
-                "causation_id": event.causation_id,
-                "key": event.key,
-                "payload": event.payload,
-            },
-            default=str,
-        ).encode()
+        document = envelope_fields(event)
+        document["occurred_at"] = event.occurred_at.isoformat()
+        value = json.dumps(document, default=str).encode()
         headers: Headers = [
             (IDEMPOTENCY_KEY_HEADER, item.idempotency_key.encode()),
             (ROLLBACK_ID_HEADER, rollback_id.encode()),

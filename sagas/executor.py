@@ -27,10 +27,16 @@ from sagas.clock import Clock
 from sagas.context import CommandSink, CompensationContext
 from sagas.definition import CompensationStep
 from sagas.errors import CompensationError, PermanentError, UpcastError
-from sagas.ledger import DONE_STATES, CompensationRecord, Ledger, Outcome, TrackedEvent
+from sagas.ledger import (
+    DONE_STATES,
+    CompensationRecord,
+    Ledger,
+    Outcome,
+    TrackedEvent,
+    envelope_from_tracked,
+)
 from sagas.ledger import CompensationState as S
 from sagas.registry import Compensate, SagaRegistry
-from schemas.envelope import EventEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +568,7 @@ class RollbackRun:
         now_error: str
         try:
             argument = self._argument(step, event)
-            envelope = _envelope(event)
+            envelope = envelope_from_tracked(event)
         except (UpcastError, ValueError) as exc:
             # The payload cannot be brought to the handler's model (pydantic's
             # ValidationError is a ValueError): retrying the same bytes cannot help.
@@ -649,22 +655,6 @@ def _record_outcome(span: Span, outcome: Outcome) -> None:
     span.set_attribute(tracing.OUTCOME, outcome.state.value)
     if outcome.state in (S.PENDING, S.FAILED):
         span.set_status(Status(StatusCode.ERROR, outcome.error or outcome.state.value))
-
-
-def _envelope(event: TrackedEvent) -> EventEnvelope:
-    return EventEnvelope(
-        event_id=event.event_id,
-        event_type=event.event_type,
-        schema_version=event.schema_version,
-        service=event.service,
-        service_version=event.service_version,
-        deployment_id=event.deployment_id,
-        occurred_at=event.occurred_at,
-        correlation_id=event.correlation_id,
-        causation_id=event.causation_id,
-        key=event.key,
-        payload=event.payload,
-    )
 
 
 async def _maybe_await(value: Any) -> None:

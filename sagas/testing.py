@@ -32,7 +32,14 @@ from sagas.context import Headers, SentCommand
 from sagas.definition import Saga
 from sagas.engine import EngineSettings, RollbackEngine
 from sagas.executor import FailureSink
-from sagas.ledger import CompensationRecord, Ledger, RollbackRecord, TrackedEvent, TrackResult
+from sagas.ledger import (
+    CompensationRecord,
+    Ledger,
+    RollbackRecord,
+    TrackedEvent,
+    TrackResult,
+    tracked_from_envelope,
+)
 from sagas.registry import SagaRegistry
 from schemas.envelope import EventEnvelope
 from schemas.headers import IDEMPOTENCY_KEY_HEADER
@@ -89,20 +96,7 @@ class RecordingFailures(FailureSink):
 
 def tracked(envelope: EventEnvelope, **position: Any) -> TrackedEvent:
     """The ledger form of an envelope (topic/partition/offset optional)."""
-    return TrackedEvent(
-        event_id=envelope.event_id,
-        event_type=envelope.event_type,
-        schema_version=envelope.schema_version,
-        service=envelope.service,
-        service_version=envelope.service_version,
-        deployment_id=envelope.deployment_id,
-        occurred_at=envelope.occurred_at,
-        payload=dict(envelope.payload),
-        correlation_id=envelope.correlation_id,
-        causation_id=envelope.causation_id,
-        key=envelope.key,
-        **position,
-    )
+    return tracked_from_envelope(envelope, **position)
 
 
 class SagaTestHarness:

@@ -22,6 +22,9 @@ from sagas.ledger.records import (
     TrackedEvent,
     TrackedOffset,
     TrackResult,
+    envelope_fields,
+    envelope_from_tracked,
+    tracked_from_envelope,
 )
 from sagas.ledger.rollbacks import RollbackStore
 from sagas.ledger.tracking import EventStore
@@ -109,4 +112,7 @@ __all__ = [
     "TrackResult",
     "TrackedEvent",
     "TrackedOffset",
+    "envelope_fields",
+    "envelope_from_tracked",
+    "tracked_from_envelope",
 ]

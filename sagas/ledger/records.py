@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from schemas.envelope import EventEnvelope
+
 
 class CompensationState(StrEnum):
     """State machine of one compensation (one (event, step), shared by rollbacks).
@@ -60,6 +62,62 @@ class TrackedEvent:
     offset: int | None = None
     traceparent: str | None = None
     tracestate: str | None = None
+
+
+def tracked_from_envelope(
+    envelope: EventEnvelope,
+    *,
+    topic: str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
+) -> TrackedEvent:
+    """The ledger form of a validated envelope, with where it was read from."""
+    return TrackedEvent(
+        event_id=envelope.event_id,
+        event_type=envelope.event_type,
+        schema_version=envelope.schema_version,
+        service=envelope.service,
+        service_version=envelope.service_version,
+        deployment_id=envelope.deployment_id,
+        occurred_at=envelope.occurred_at,
+        payload=dict(envelope.payload),
+        correlation_id=envelope.correlation_id,
+        causation_id=envelope.causation_id,
+        key=envelope.key,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        traceparent=traceparent,
+        tracestate=tracestate,
+    )
+
+
+def envelope_fields(event: TrackedEvent) -> dict[str, Any]:
+    """The envelope fields of a tracked event, in envelope order, not validated.
+
+    Not validated because the dead-letter path must still write an event that
+    no longer passes `EventEnvelope` (that may be why its compensation failed).
+    """
+    return {
+        "event_id": event.event_id,
+        "event_type": event.event_type,
+        "schema_version": event.schema_version,
+        "service": event.service,
+        "service_version": event.service_version,
+        "deployment_id": event.deployment_id,
+        "occurred_at": event.occurred_at,
+        "correlation_id": event.correlation_id,
+        "causation_id": event.causation_id,
+        "key": event.key,
+        "payload": event.payload,
+    }
+
+
+def envelope_from_tracked(event: TrackedEvent) -> EventEnvelope:
+    """The envelope a tracked event was read as (raises ValueError if it no longer validates)."""
+    return EventEnvelope(**envelope_fields(event))
 
 
 @dataclass(frozen=True, slots=True)
