@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVarTuple
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import Select
 
 from sagas.errors import LedgerError
 from sagas.ledger import tables as t
@@ -26,6 +27,7 @@ from sagas.ledger.tracking import chunks, one_of, write_transaction
 
 S = CompensationState
 ACTIVE_ROLLBACK_STATES = ("accepted", "planning", "running", "paused")
+_Columns = TypeVarTuple("_Columns")
 
 
 def rollback_from_row(row: Row[Any]) -> RollbackRecord:
@@ -122,12 +124,7 @@ class RollbackStore:
 
     async def get_rollback(self, rollback_id: str) -> RollbackRecord | None:
         """One rollback, or None."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(t.rollbacks).where(t.rollbacks.c.rollback_id == rollback_id)
-                )
-            ).first()
+        row = await self._first(select(t.rollbacks).where(t.rollbacks.c.rollback_id == rollback_id))
         return rollback_from_row(row) if row else None
 
     async def require_rollback(self, rollback_id: str) -> RollbackRecord:
@@ -369,13 +366,7 @@ class RollbackStore:
         """
         ids = sorted(set(among))
         found: set[str] = set()
-        query = select(t.compensations.c.event_id).join(
-            t.rollback_items,
-            and_(
-                t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
-                t.rollback_items.c.rollback_id == rollback_id,
-            ),
-        )
+        query = select(t.compensations.c.event_id).join(t.rollback_items, _in_plan(rollback_id))
         async with self.engine.connect() as conn:
             for part in chunks(ids):
                 in_part = one_of(conn, t.compensations.c.event_id, part)
@@ -388,11 +379,7 @@ class RollbackStore:
         async with self.engine.connect() as conn:
             result = await conn.execute(
                 select(func.count(func.distinct(t.compensations.c.event_id))).join(
-                    t.rollback_items,
-                    and_(
-                        t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
-                        t.rollback_items.c.rollback_id == rollback_id,
-                    ),
+                    t.rollback_items, _in_plan(rollback_id)
                 )
             )
             return int(result.scalar_one())
@@ -427,52 +414,24 @@ class RollbackStore:
 
     async def compensation_states(self, keys: Iterable[str]) -> dict[str, CompensationState]:
         """The current state of each key."""
-        ordered = sorted(set(keys))
-        states: dict[str, CompensationState] = {}
-        async with self.engine.connect() as conn:
-            for part in chunks(ordered):
-                result = await conn.execute(
-                    select(t.compensations.c.idempotency_key, t.compensations.c.state).where(
-                        one_of(conn, t.compensations.c.idempotency_key, part)
-                    )
-                )
-                states.update({k: S(s) for k, s in result.all()})
-        return states
+        c = t.compensations.c
+        rows = await self._select_keys(select(c.idempotency_key, c.state), keys)
+        return {k: S(s) for k, s in rows}
 
     async def get_compensations(self, keys: Iterable[str]) -> list[CompensationRecord]:
         """Compensations (without plan position) by key."""
-        ordered = sorted(set(keys))
-        found: list[CompensationRecord] = []
-        async with self.engine.connect() as conn:
-            for part in chunks(ordered):
-                in_part = one_of(conn, t.compensations.c.idempotency_key, part)
-                result = await conn.execute(select(t.compensations).where(in_part))
-                found.extend(compensation_from_row(r) for r in result.all())
-        return found
+        rows = await self._select_keys(select(t.compensations), keys)
+        return [compensation_from_row(r) for r in rows]
 
     async def compensation_traceparents(self, keys: Iterable[str]) -> dict[str, str]:
         """The span context of each key's last attempt (for linking confirmations)."""
-        ordered = sorted(set(keys))
-        found: dict[str, str] = {}
-        async with self.engine.connect() as conn:
-            for part in chunks(ordered):
-                result = await conn.execute(
-                    select(t.compensations.c.idempotency_key, t.compensations.c.traceparent).where(
-                        one_of(conn, t.compensations.c.idempotency_key, part),
-                        t.compensations.c.traceparent.is_not(None),
-                    )
-                )
-                found.update(dict(result.all()))
-        return found
+        c = t.compensations.c
+        query = select(c.idempotency_key, c.traceparent).where(c.traceparent.is_not(None))
+        return dict(await self._select_keys(query, keys))
 
     async def get_compensation(self, key: str) -> CompensationRecord | None:
         """One compensation (without plan position), or None."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(t.compensations).where(t.compensations.c.idempotency_key == key)
-                )
-            ).first()
+        row = await self._first(select(t.compensations).where(_is_key(key)))
         return compensation_from_row(row) if row else None
 
     async def rollbacks_of(self, key: str) -> list[str]:
@@ -494,25 +453,16 @@ class RollbackStore:
             The keys actually claimed; a key another executor claimed first, or
             that is done already, is left out.
         """
-        claimed: list[str] = []
         async with write_transaction(self.engine) as conn:
-            for part in chunks(list(keys)):
-                result = await conn.execute(
-                    update(t.compensations)
-                    .where(
-                        one_of(conn, t.compensations.c.idempotency_key, part),
-                        _by_key(conn) == S.PENDING,
-                    )
-                    .values(
-                        state=S.RUNNING,
-                        attempts=t.compensations.c.attempts + 1,
-                        claimed_by=rollback_id,
-                        updated_at=now,
-                    )
-                    .returning(t.compensations.c.idempotency_key)
-                )
-                claimed.extend(result.scalars().all())
-        return claimed
+            return await _update_keys(
+                conn,
+                keys,
+                _by_key(conn) == S.PENDING,
+                state=S.RUNNING,
+                attempts=t.compensations.c.attempts + 1,
+                claimed_by=rollback_id,
+                updated_at=now,
+            )
 
     async def record_outcomes(self, outcomes: Sequence[Outcome], *, now: datetime) -> None:
         """Write attempt results in one transaction.
@@ -560,20 +510,16 @@ class RollbackStore:
         self, keys: Sequence[str], *, now: datetime, next_state: CompensationState, error: str
     ) -> list[str]:
         """applied → `next_state` for keys whose confirmation did not arrive in time."""
-        changed: list[str] = []
         async with write_transaction(self.engine) as conn:
-            for part in chunks(list(keys)):
-                result = await conn.execute(
-                    update(t.compensations)
-                    .where(
-                        one_of(conn, t.compensations.c.idempotency_key, part),
-                        _by_key(conn) == S.APPLIED,
-                    )
-                    .values(state=next_state, last_error=error, next_attempt_at=now, updated_at=now)
-                    .returning(t.compensations.c.idempotency_key)
-                )
-                changed.extend(result.scalars().all())
-        return changed
+            return await _update_keys(
+                conn,
+                keys,
+                _by_key(conn) == S.APPLIED,
+                state=next_state,
+                last_error=error,
+                next_attempt_at=now,
+                updated_at=now,
+            )
 
     async def set_states(
         self,
@@ -590,20 +536,8 @@ class RollbackStore:
             values["skip_reason"] = reason
         if state == S.PENDING:
             values["next_attempt_at"] = None
-        changed: list[str] = []
         async with write_transaction(self.engine) as conn:
-            for part in chunks(list(keys)):
-                result = await conn.execute(
-                    update(t.compensations)
-                    .where(
-                        one_of(conn, t.compensations.c.idempotency_key, part),
-                        _by_key(conn).in_(list(only_from)),
-                    )
-                    .values(**values)
-                    .returning(t.compensations.c.idempotency_key)
-                )
-                changed.extend(result.scalars().all())
-        return changed
+            return await _update_keys(conn, keys, _by_key(conn).in_(list(only_from)), **values)
 
     async def release_claims(self, rollback_id: str, *, now: datetime) -> list[str]:
         """running → pending for claims of `rollback_id` whose outcome was never recorded.
@@ -625,31 +559,39 @@ class RollbackStore:
 
     async def retry_compensation(self, key: str, *, now: datetime) -> None:
         """Operator retry: a failed compensation gets a fresh attempt budget."""
-        async with write_transaction(self.engine) as conn:
-            result = await conn.execute(
-                update(t.compensations)
-                .where(
-                    t.compensations.c.idempotency_key == key,
-                    t.compensations.c.state.in_([S.FAILED, S.BLOCKED]),
-                )
-                .values(state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
-            )
-            if not result.rowcount:
-                await _explain_refusal(conn, key, "retry", "failed or blocked")
+        await self._operator_move(
+            key,
+            "retry",
+            (S.FAILED, S.BLOCKED),
+            state=S.PENDING,
+            attempts=0,
+            next_attempt_at=None,
+            updated_at=now,
+        )
 
     async def skip_compensation(self, key: str, *, reason: str, now: datetime) -> None:
         """Operator skip: a compensation that will not be done, with the reason."""
+        await self._operator_move(
+            key,
+            "skip",
+            (S.FAILED, S.BLOCKED, S.PENDING),
+            state=S.SKIPPED,
+            skip_reason=reason,
+            updated_at=now,
+        )
+
+    async def _operator_move(
+        self, key: str, action: str, allowed: Sequence[CompensationState], **values: Any
+    ) -> None:
+        """Apply `values` to one compensation in an `allowed` state; `LedgerError` if not."""
         async with write_transaction(self.engine) as conn:
             result = await conn.execute(
                 update(t.compensations)
-                .where(
-                    t.compensations.c.idempotency_key == key,
-                    t.compensations.c.state.in_([S.FAILED, S.BLOCKED, S.PENDING]),
-                )
-                .values(state=S.SKIPPED, skip_reason=reason, updated_at=now)
+                .where(_is_key(key), t.compensations.c.state.in_(list(allowed)))
+                .values(**values)
             )
             if not result.rowcount:
-                await _explain_refusal(conn, key, "skip", "failed, blocked or pending")
+                await _explain_refusal(conn, key, action, _either(allowed))
 
     async def counts(self, rollback_id: str) -> Counts:
         """Status counts of one rollback."""
@@ -657,13 +599,7 @@ class RollbackStore:
             rows = (
                 await conn.execute(
                     select(t.compensations.c.state, t.rollback_items.c.late, func.count())
-                    .join(
-                        t.rollback_items,
-                        and_(
-                            t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
-                            t.rollback_items.c.rollback_id == rollback_id,
-                        ),
-                    )
+                    .join(t.rollback_items, _in_plan(rollback_id))
                     .group_by(t.compensations.c.state, t.rollback_items.c.late)
                 )
             ).all()
@@ -695,6 +631,21 @@ class RollbackStore:
             blocked=by_state.get(S.BLOCKED, 0),
         )
 
+    async def _first(self, query: Any) -> Row[Any] | None:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query)).first()
+
+    async def _select_keys(
+        self, query: Select[*_Columns], keys: Iterable[str]
+    ) -> list[Row[*_Columns]]:
+        """`query` over compensations, for the given keys (in chunks, sorted)."""
+        rows: list[Row[*_Columns]] = []
+        async with self.engine.connect() as conn:
+            for part in chunks(sorted(set(keys))):
+                in_part = one_of(conn, t.compensations.c.idempotency_key, part)
+                rows.extend((await conn.execute(query.where(in_part))).all())
+        return rows
+
     async def record_dead_letter(
         self, *, topic: str, partition: int, offset: int, error: str, now: datetime
     ) -> None:
@@ -713,6 +664,40 @@ class RollbackStore:
                 select(t.dead_letters).order_by(t.dead_letters.c.id.desc()).limit(limit)
             )
             return [dict(r._mapping) for r in result.all()]
+
+
+def _is_key(key: str) -> Any:
+    return t.compensations.c.idempotency_key == key
+
+
+def _in_plan(rollback_id: str) -> Any:
+    """Join condition: the `rollback_items` row of a compensation in this rollback's plan."""
+    return and_(
+        t.rollback_items.c.idempotency_key == t.compensations.c.idempotency_key,
+        t.rollback_items.c.rollback_id == rollback_id,
+    )
+
+
+async def _update_keys(
+    conn: AsyncConnection, keys: Sequence[str], condition: Any, **values: Any
+) -> list[str]:
+    """Set `values` on those of `keys` that meet `condition` (in chunks); the keys changed."""
+    changed: list[str] = []
+    for part in chunks(list(keys)):
+        result = await conn.execute(
+            update(t.compensations)
+            .where(one_of(conn, t.compensations.c.idempotency_key, part), condition)
+            .values(**values)
+            .returning(t.compensations.c.idempotency_key)
+        )
+        changed.extend(result.scalars().all())
+    return changed
+
+
+def _either(states: Sequence[CompensationState]) -> str:
+    """The states an operator action needs, as its refusal words them ("failed or blocked")."""
+    names = [str(state) for state in states]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _by_key(conn: AsyncConnection) -> Any:
