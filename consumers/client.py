@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from opentelemetry.trace import SpanKind
@@ -31,26 +31,42 @@ def signal_record(
     return signal.record_key.encode(), value, headers
 
 
+SendRecord = Callable[[str, bytes, bytes, list[tuple[str, bytes]]], Awaitable[None]]
+
+
+async def send_signal(settings: Settings, signal: RollbackSignal, send: SendRecord) -> None:
+    """Send a signal record with `send(topic, value, key, headers)`, in its producer span.
+
+    The record is built inside the span: its headers carry the span's trace
+    context, so the worker's processing links to the publisher.
+    """
+    with tracing.tracer().start_as_current_span(
+        tracing.span_send(settings.signals_topic),
+        kind=SpanKind.PRODUCER,
+        attributes={
+            tracing.MESSAGING_SYSTEM: "kafka",
+            tracing.MESSAGING_DESTINATION: settings.signals_topic,
+            tracing.MESSAGING_OPERATION_TYPE: "send",
+            tracing.MESSAGING_KEY: signal.record_key,
+            tracing.ROLLBACK_ID: signal.signal_id,
+        },
+    ):
+        key, value, headers = signal_record(signal, settings.signal_key)
+        await send(settings.signals_topic, value, key, headers)
+
+
 async def publish_signal(settings: Settings, signal: RollbackSignal) -> None:
     """Publish a rollback signal on the signals topic (signed when a key is set)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers, acks="all", request_timeout_ms=15_000
     )
+
+    async def send(topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> None:
+        await producer.send_and_wait(topic, value, key=key, headers=headers)
+
     try:
         await producer.start()
-        with tracing.tracer().start_as_current_span(
-            tracing.span_send(settings.signals_topic),
-            kind=SpanKind.PRODUCER,
-            attributes={
-                tracing.MESSAGING_SYSTEM: "kafka",
-                tracing.MESSAGING_DESTINATION: settings.signals_topic,
-                tracing.MESSAGING_OPERATION_TYPE: "send",
-                tracing.MESSAGING_KEY: signal.record_key,
-                tracing.ROLLBACK_ID: signal.signal_id,
-            },
-        ):
-            key, value, headers = signal_record(signal, settings.signal_key)
-            await producer.send_and_wait(settings.signals_topic, value, key=key, headers=headers)
+        await send_signal(settings, signal, send)
     finally:
         await producer.stop()
 

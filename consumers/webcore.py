@@ -17,11 +17,9 @@ from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from opentelemetry.trace import SpanKind
 
-from consumers.client import publish_signal, signal_record
+from consumers.client import publish_signal, send_signal
 from consumers.settings import Settings
-from sagas import tracing
 from sagas.errors import LedgerError
 from schemas._base import format_time
 
@@ -223,16 +221,4 @@ async def _send(settings: Settings, publisher: Any, signal: Any) -> None:
     if publisher is None:
         await publish_signal(settings, signal)
         return
-    with tracing.tracer().start_as_current_span(
-        tracing.span_send(settings.signals_topic),
-        kind=SpanKind.PRODUCER,
-        attributes={
-            tracing.MESSAGING_SYSTEM: "kafka",
-            tracing.MESSAGING_DESTINATION: settings.signals_topic,
-            tracing.MESSAGING_OPERATION_TYPE: "send",
-            tracing.MESSAGING_KEY: signal.record_key,
-            tracing.ROLLBACK_ID: signal.signal_id,
-        },
-    ):
-        key, value, headers = signal_record(signal, settings.signal_key)
-        await publisher.send(settings.signals_topic, value, key, headers)
+    await send_signal(settings, signal, publisher.send)
