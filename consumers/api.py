@@ -42,6 +42,7 @@ from schemas.status import RollbackStatus
 
 if TYPE_CHECKING:
     from consumers.runtime import Runtime
+    from sagas.engine import RollbackEngine
 
 HEALTH_TIMEOUT = 2.0  # seconds each dependency may take to answer /health
 
@@ -219,23 +220,27 @@ async def _after_action(runtime: Runtime, rollback_id: str) -> web.Response:
     return json_response(_summary(record, await runtime.ledger.counts(rollback_id)))
 
 
-async def pause(request: web.Request) -> web.Response:
-    """Pause a running rollback (in-flight compensations finish)."""
+def _operator(request: web.Request) -> tuple[Runtime, RollbackEngine]:
+    """The runtime and engine for a mutating endpoint: 401/403 without access, 503 if not up."""
     require_write_access(request)
     runtime = require_ready(request)
     assert runtime.engine is not None
+    return runtime, runtime.engine
+
+
+async def pause(request: web.Request) -> web.Response:
+    """Pause a running rollback (in-flight compensations finish)."""
+    runtime, engine = _operator(request)
     record = await _rollback_or_404(runtime, request.match_info["rollback_id"])
-    await runtime.engine.pause(record.rollback_id)
+    await engine.pause(record.rollback_id)
     return await _after_action(runtime, record.rollback_id)
 
 
 async def resume(request: web.Request) -> web.Response:
     """Resume a paused (or failed, after retries/skips) rollback."""
-    require_write_access(request)
-    runtime = require_ready(request)
-    assert runtime.engine is not None
+    runtime, engine = _operator(request)
     record = await _rollback_or_404(runtime, request.match_info["rollback_id"])
-    await runtime.engine.resume_rollback(record.rollback_id)
+    await engine.resume_rollback(record.rollback_id)
     return await _after_action(runtime, record.rollback_id)
 
 
@@ -262,27 +267,23 @@ async def _compensation_response(runtime: Runtime, key: str, reopened: list[str]
 
 async def retry(request: web.Request) -> web.Response:
     """Give a failed compensation a fresh attempt budget; its rollbacks resume."""
-    require_write_access(request)
-    runtime = require_ready(request)
-    assert runtime.engine is not None
+    runtime, engine = _operator(request)
     key = request.match_info["key"]
     await _compensation_or_404(runtime, key)
-    reopened = await runtime.engine.retry(key)
+    reopened = await engine.retry(key)
     return await _compensation_response(runtime, key, reopened)
 
 
 async def skip(request: web.Request) -> web.Response:
     """Give up on a compensation on purpose; body `{"reason": "..."}` is required."""
-    require_write_access(request)
-    runtime = require_ready(request)
-    assert runtime.engine is not None
+    runtime, engine = _operator(request)
     key = request.match_info["key"]
     body = await read_json_object(request)
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip():
         raise ApiError(400, 'skipping a compensation needs a reason: {"reason": "..."}')
     await _compensation_or_404(runtime, key)
-    reopened = await runtime.engine.skip(key, reason.strip())
+    reopened = await engine.skip(key, reason.strip())
     return await _compensation_response(runtime, key, reopened)
 
 

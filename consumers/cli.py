@@ -18,6 +18,16 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+# Options several commands take, declared once so that they read the same in each --help.
+ServiceOption = Annotated[str | None, typer.Option(help="Service name (with --version).")]
+VersionOption = Annotated[str | None, typer.Option(help="Service version (with --service).")]
+SinceOption = Annotated[str | None, typer.Option(help="Only events at or after (RFC 3339).")]
+UntilOption = Annotated[str | None, typer.Option(help="Only events at or before (RFC 3339).")]
+TableOrJsonOption = Annotated[str, typer.Option("--format", help="table or json.")]
+RollbackIdArgument = Annotated[str, typer.Argument(help="The rollback id.")]
+SourceTopicOption = Annotated[str | None, typer.Option(help="Only from this topic.")]
+MatchOption = Annotated[str | None, typer.Option(help="Only errors containing this text.")]
+
 
 @app.callback()
 def _root() -> None:
@@ -81,14 +91,10 @@ def rollback(
     deployment: Annotated[
         str | None, typer.Option("--deployment", help="Deployment id to roll back.")
     ] = None,
-    service: Annotated[str | None, typer.Option(help="Service name (with --version).")] = None,
-    version: Annotated[str | None, typer.Option(help="Service version (with --service).")] = None,
-    since: Annotated[
-        str | None, typer.Option(help="Only events at or after this RFC 3339 time.")
-    ] = None,
-    until: Annotated[
-        str | None, typer.Option(help="Only events at or before this RFC 3339 time.")
-    ] = None,
+    service: ServiceOption = None,
+    version: VersionOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
     cascade: Annotated[
         bool, typer.Option("--cascade/--no-cascade", help="Also undo what the events caused.")
     ] = True,
@@ -131,7 +137,7 @@ def rollback(
 )
 def status(
     rollback_id: Annotated[str | None, typer.Argument(help="One rollback (default: all).")] = None,
-    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    output: TableOrJsonOption = "table",
 ) -> None:
     """Show rollback status, as published on the status topic."""
     from consumers.commands import status_command
@@ -150,10 +156,10 @@ def plan(
     deployment: Annotated[
         str | None, typer.Option("--deployment", help="Deployment id to plan for.")
     ] = None,
-    service: Annotated[str | None, typer.Option(help="Service name (with --version).")] = None,
-    version: Annotated[str | None, typer.Option(help="Service version (with --service).")] = None,
-    since: Annotated[str | None, typer.Option(help="Only events at or after (RFC 3339).")] = None,
-    until: Annotated[str | None, typer.Option(help="Only events at or before (RFC 3339).")] = None,
+    service: ServiceOption = None,
+    version: VersionOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
     cascade: Annotated[
         bool, typer.Option("--cascade/--no-cascade", help="Include what the events caused.")
     ] = True,
@@ -182,7 +188,7 @@ def plan(
 
 @app.command(epilog="Example:\n\n  backout deployments --format json")
 def deployments(
-    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    output: TableOrJsonOption = "table",
 ) -> None:
     """Tracked deployments with their event counts by type and version."""
     from consumers.commands import deployments_command
@@ -214,7 +220,7 @@ def skip(
 
 
 @app.command(epilog="Example:\n\n  backout pause 3f2c9a0e-...")
-def pause(rollback_id: Annotated[str, typer.Argument(help="The rollback id.")]) -> None:
+def pause(rollback_id: RollbackIdArgument) -> None:
     """Pause a running rollback: nothing new starts; in-flight compensations finish."""
     from consumers.commands import pause_command
 
@@ -222,7 +228,7 @@ def pause(rollback_id: Annotated[str, typer.Argument(help="The rollback id.")]) 
 
 
 @app.command(epilog="Example:\n\n  backout resume 3f2c9a0e-...")
-def resume(rollback_id: Annotated[str, typer.Argument(help="The rollback id.")]) -> None:
+def resume(rollback_id: RollbackIdArgument) -> None:
     """Resume a paused (or failed, after retry/skip) rollback."""
     from consumers.commands import resume_command
 
@@ -252,9 +258,9 @@ app.add_typer(dlq_app, name="dlq")
     epilog="Example:\n\n  backout dlq list --source-topic orders.events --format json",
 )
 def dlq_list(
-    source_topic: Annotated[str | None, typer.Option(help="Only from this topic.")] = None,
-    match: Annotated[str | None, typer.Option(help="Only errors containing this text.")] = None,
-    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    source_topic: SourceTopicOption = None,
+    match: MatchOption = None,
+    output: TableOrJsonOption = "table",
 ) -> None:
     """List dead letters with their reason and where they came from."""
     from consumers.commands import dlq_list_command
@@ -267,8 +273,8 @@ def dlq_list(
     epilog="Example:\n\n  backout dlq replay --match 'no saga declares OrderRefunded'",
 )
 def dlq_replay(
-    source_topic: Annotated[str | None, typer.Option(help="Only from this topic.")] = None,
-    match: Annotated[str | None, typer.Option(help="Only errors containing this text.")] = None,
+    source_topic: SourceTopicOption = None,
+    match: MatchOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, do not send.")] = False,
 ) -> None:
     """Send dead letters' original records back to their source topic."""

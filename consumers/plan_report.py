@@ -129,24 +129,22 @@ def plan_as_markdown(report: PlanReport) -> str:
             f"(`{step['event_id']}`) | {step['service']} | {step['correlation_id'] or ''} | "
             f"{step['step']} | {step['confirm'] or '—'} |"
         )
-    lines += ["", "## 3. Manual actions", ""]
-    if data["manual_actions"]:
-        for note in data["manual_actions"]:
-            lines.append(
-                f"- [ ] **{note['event_type']}** `{note['event_id']}` ({note['service']}): "
-                f"{note['detail']}"
-            )
-    else:
-        lines.append("None.")
-    lines += ["", "## 4. Uncovered events", ""]
-    if data["uncovered_events"]:
-        for note in data["uncovered_events"]:
-            lines.append(
-                f"- [ ] **{note['event_type']} v{note['schema_version']}** `{note['event_id']}`: "
-                f"{note['detail']} — decide by hand, or add a compensation and roll back again."
-            )
-    else:
-        lines.append("None.")
+    lines += _checklist(
+        "## 3. Manual actions",
+        [
+            f"- [ ] **{note['event_type']}** `{note['event_id']}` ({note['service']}): "
+            f"{note['detail']}"
+            for note in data["manual_actions"]
+        ],
+    )
+    lines += _checklist(
+        "## 4. Uncovered events",
+        [
+            f"- [ ] **{note['event_type']} v{note['schema_version']}** `{note['event_id']}`: "
+            f"{note['detail']} — decide by hand, or add a compensation and roll back again."
+            for note in data["uncovered_events"]
+        ],
+    )
     lines += [
         "",
         "## 5. Verify",
@@ -162,3 +160,8 @@ def plan_as_markdown(report: PlanReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _checklist(heading: str, items: list[str]) -> list[str]:
+    """A runbook section of to-do items; "None." says the empty list was not forgotten."""
+    return ["", heading, "", *(items or ["None."])]
