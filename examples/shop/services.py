@@ -134,7 +134,31 @@ class Rejection:
     idempotency_key: str | None = None
 
 
-class ShopService(ABC):
+class _Lifecycle(ABC):
+    """Something started and stopped: `async with` stops it on the way out, error or not."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect and begin work."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop work and disconnect (idempotent)."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class ShopService(_Lifecycle):
     """Base of the shop's services: one command consumer, one event producer.
 
     Args:
@@ -270,18 +294,6 @@ class ShopService(ABC):
             await consumer.stop()
         if producer is not None:
             await producer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- producing --------------------------------------------------------------
 
@@ -609,7 +621,7 @@ SERVICE_CLASSES: dict[str, type[ShopService]] = {
 """Service name → class."""
 
 
-class Shop:
+class Shop(_Lifecycle):
     """The three services together, plus the forward business flow.
 
     Args:
@@ -665,18 +677,6 @@ class Shop:
         """Stop the three services."""
         for service in reversed(list(self.services.values())):
             await service.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def place_order(
         self,
