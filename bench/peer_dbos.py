@@ -2,8 +2,9 @@
 
 Runs in its own virtualenv (`bench/.venv-dbos`, with `dbos` and `aiokafka`):
 dbos pins a croniter that conflicts with faust's, so it cannot share the
-project's environment. Standalone on purpose: it imports nothing from the
-project.
+project's environment. Standalone on purpose: from the project it imports
+only `consumers.topics`, which needs nothing but aiokafka (the benchmark puts
+the repository on PYTHONPATH).
 
 Workload: read N event records of one benchmark run from Kafka (plain
 aiokafka, as the raw baseline does), group them by saga instance
@@ -26,8 +27,10 @@ import logging
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from dbos import DBOS, DBOSConfig
+
+from consumers.topics import open_reader
 
 PARTITIONS = 4
 COMMANDS = {
@@ -63,16 +66,7 @@ async def undo_instance(events: list[dict[str, Any]]) -> int:
 
 
 async def read_events(bootstrap: str, topics: list[str], events: int) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
-    consumer.assign([TopicPartition(t, p) for t in topics for p in range(PARTITIONS)])
-    await consumer.seek_to_beginning()
+    consumer = await open_reader(bootstrap, topics, partitions=PARTITIONS)
     found: list[dict[str, Any]] = []
     try:
         while len(found) < events:

@@ -23,9 +23,10 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
-from bench.workload import PARTITIONS
+from bench.workload import PARTITIONS, batching_producer
+from consumers.topics import open_reader
 from sagas.ledger import tables as t
 from sagas.ledger.connection import create_engine
 from sagas.ledger.dialect import insert_ignoring_duplicates
@@ -99,25 +100,11 @@ async def track(bootstrap: str, topics: list[str], url: str, events: int, batch:
 
 
 async def rollback(bootstrap: str, topics: list[str], command_topic: str, events: int) -> None:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
+    producer = batching_producer(bootstrap)
+    consumer = await open_reader(
+        bootstrap, topics, partitions=PARTITIONS, max_partition_fetch_bytes=4 * 1024 * 1024
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        linger_ms=5,
-        max_batch_size=256 * 1024,
-        max_request_size=4 * 1024 * 1024,
-    )
-    await consumer.start()
     await producer.start()
-    consumer.assign([TopicPartition(topic, p) for topic in topics for p in range(PARTITIONS)])
-    await consumer.seek_to_beginning()
     seen = 0
     started = time.monotonic()
     try:

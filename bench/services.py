@@ -18,10 +18,9 @@ import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
 from bench.saga import CONFIRMATION_OF, SERVICES, command_topic, event_topic
-from bench.workload import PARTITIONS, SERVICE_DEPLOYMENTS
+from bench.workload import PARTITIONS, SERVICE_DEPLOYMENTS, batching_producer
+from consumers.topics import open_reader
 from schemas.headers import IDEMPOTENCY_KEY_HEADER
 
 # The orders service runs the version it was rolled back to when it confirms.
@@ -39,26 +38,17 @@ def _idempotency_key(headers: Iterable[tuple[str, bytes]] | None) -> str | None:
 async def serve(bootstrap: str, prefix: str, stop: asyncio.Event) -> int:
     """Confirm commands until `stop` is set; returns how many were confirmed."""
     topics = {command_topic(s, prefix): s for s in SERVICES}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
+    producer = batching_producer(bootstrap, linger_ms=2)
+    consumer = await open_reader(
+        bootstrap,
+        topics,
+        partitions=PARTITIONS,
         # The broker answers a waiting fetch only when the wait ends: this
         # bounds the services' share of each confirmation's latency.
         fetch_max_wait_ms=20,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        linger_ms=2,
-        max_batch_size=256 * 1024,
-    )
-    await consumer.start()
     await producer.start()
-    consumer.assign([TopicPartition(t, p) for t in topics for p in range(PARTITIONS)])
-    await consumer.seek_to_beginning()
     seen: set[str] = set()
     confirmed = 0
     try:

@@ -15,13 +15,11 @@ Fixtures:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -32,24 +30,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sqlalchemy.engine import make_url
 
 from consumers.broker import BrokerError, EmbeddedBroker
-
-_T = TypeVar("_T")
+from tests.support.sync import run_sync
 
 PG_DSN_ENV = "BACKOUT_TEST_PG_DSN"
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 BROKER_START_TIMEOUT = 60.0  # generous: CI machines have 2 cores shared with the suite
-
-
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``coro`` from a sync fixture, even if an event loop is running."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    # A loop is running in this thread (a sync fixture requested from async
-    # code): asyncio.run cannot nest, so use a loop in another thread.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 # --------------------------------------------------------------------------- Kafka
@@ -134,11 +119,11 @@ async def _drop_database(admin_dsn: str, name: str, timeout: float = 30.0) -> No
 def _throwaway_database(admin_dsn: str) -> Iterator[str]:
     """Create an empty database, yield its SQLAlchemy async URL, drop it."""
     name = f"backout_test_{uuid.uuid4().hex}"
-    _run(_create_database(admin_dsn, name))
+    run_sync(_create_database(admin_dsn, name))
     try:
         yield _dsn_for(admin_dsn, name, "postgresql+asyncpg")
     finally:
-        _run(_drop_database(admin_dsn, name))
+        run_sync(_drop_database(admin_dsn, name))
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +136,7 @@ def postgres_admin_url() -> str:
     dsn = _admin_dsn()
     error: Exception | None = None
     try:
-        _run(_check_postgres(dsn))
+        run_sync(_check_postgres(dsn))
     except Exception as exc:  # whatever the cause, report it and fail
         error = exc
     if error is not None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
+from consumers.topics import reading
 from examples.shop.flow import ORDERS_BAD, ORDERS_STABLE, Checkout
 from examples.shop.saga import build_checkout_saga
 from examples.shop.services import Shop
@@ -132,23 +131,9 @@ async def count_records(bootstrap: str, topic: str, *, idle: float = 0.6) -> int
     End offsets of the embedded broker cannot be trusted (BROKER.md), so the
     topic is read until no record came for `idle` seconds.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return 0
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        await consumer.seek_to_beginning()
+    async with reading(bootstrap, [topic]) as consumer:
+        if not consumer.assignment():
+            return 0  # the topic does not exist: nothing was written to it
         count = 0
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < idle:
@@ -157,5 +142,3 @@ async def count_records(bootstrap: str, topic: str, *, idle: float = 0.6) -> int
                 quiet_since = time.monotonic()
                 count += sum(len(records) for records in batch.values())
         return count
-    finally:
-        await consumer.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.e2e.shop import Checkout, expected_commands
+from tests.e2e.shop import Checkout, checkout, expected_commands, type_counts
 from tests.e2e.stack import Stack
 from tests.support.kafka import Producer, Record, read_topic
 from tests.support.names import unique_name
@@ -20,6 +20,19 @@ def deployments() -> tuple[str, str, str]:
         unique_name("payments", "-3.0"),
         unique_name("stock", "-2.2"),
     )
+
+
+def fresh_checkouts(count: int, **options: Any) -> tuple[str, list[Checkout]]:
+    """`count` checkouts of fresh deployments: (the orders deployment, the checkouts).
+
+    `options` go to every `checkout` (e.g. `reserve=False`).
+    """
+    orders, payments, stock = deployments()
+    checkouts = [
+        checkout(unique_name("o"), orders=orders, payments=payments, stock=stock, **options)
+        for _ in range(count)
+    ]
+    return orders, checkouts
 
 
 async def publish(stack: Stack, checkouts: list[Checkout]) -> None:
@@ -40,6 +53,12 @@ async def wait_tracked(stack: Stack, deployment: str, by_type: dict[str, int]) -
         return False
 
     await wait_for(tracked, timeout=20, interval=0.1, message=f"{deployment} tracked as {by_type}")
+
+
+async def publish_tracked(stack: Stack, checkouts: list[Checkout], deployment: str) -> None:
+    """Publish `checkouts`, then wait until every event of `deployment` in them is tracked."""
+    await publish(stack, checkouts)
+    await wait_tracked(stack, deployment, type_counts(checkouts, deployment))
 
 
 async def detail(stack: Stack, rollback_id: str) -> dict[str, Any]:

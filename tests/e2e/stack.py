@@ -7,38 +7,22 @@ topics, so stacks on the shared session broker never see each other's data.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import subprocess
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
-from tests.support import e2e_saga
+from tests.support.e2e_worker import SERVICES, WorkerTopics, service_topics, worker_env
 from tests.support.kafka import CommandCollector, Confirmation, ensure_topics
 from tests.support.names import unique_name
+from tests.support.sync import run_sync
 from tests.support.worker import WorkerProcess, run_cli
 
-_T = TypeVar("_T")
-
-SERVICES = e2e_saga.SERVICES
 # What the fake services answer: command topic suffix → confirmation event type.
 CONFIRMATIONS = {"orders": "ItemCancelled", "payments": "Refunded"}
 
 
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run `coro` from a sync fixture (on a private loop if one is running)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
 @dataclass
-class Stack:
+class Stack(WorkerTopics):
     """One worker and the names it works with.
 
     Attributes:
@@ -52,29 +36,6 @@ class Stack:
     tag: str
     worker: WorkerProcess
     env: dict[str, str] = field(default_factory=dict)
-
-    def events_topic(self, service: str) -> str:
-        """The tracked event topic of `service`."""
-        return f"{self.tag}.{service}.events"
-
-    def command_topic(self, service: str) -> str:
-        """The topic the e2e saga sends `service`'s commands to."""
-        return e2e_saga.command_topic(service, prefix=f"{self.tag}.")
-
-    @property
-    def signals_topic(self) -> str:
-        """`<prefix>rollbacks`."""
-        return f"{self.env['BACKOUT_TOPIC_PREFIX']}rollbacks"
-
-    @property
-    def status_topic(self) -> str:
-        """`<prefix>status`."""
-        return f"{self.env['BACKOUT_TOPIC_PREFIX']}status"
-
-    @property
-    def dlq_topic(self) -> str:
-        """`<prefix>dlq`."""
-        return f"{self.env['BACKOUT_TOPIC_PREFIX']}dlq"
 
     def collector(self, rollback_ids: set[str] | None = None) -> CommandCollector:
         """A fake orders/payments/stock service on this stack's command topics.
@@ -120,25 +81,18 @@ class Stack:
 def stack_env(
     bootstrap: str, tag: str, database_url: str, log_dir: Path, extra: dict[str, str]
 ) -> dict[str, str]:
-    """The worker's (and the CLI's) environment: a 2 s session so groups join
-    fast (BROKER.md), real spans to a file, and every name under `tag`."""
-    return {
-        # Real spans (to a JSON-lines file), so commands carry trace context.
-        "OTEL_TRACES_EXPORTER": "console",
-        "BACKOUT_TRACE_FILE": str(log_dir / f"{tag}.traces.jsonl"),
-        "BACKOUT_BROKER": f"kafka://{bootstrap}",
-        "BACKOUT_DATABASE_URL": database_url,
-        "BACKOUT_SAGAS": "tests.support.e2e_saga",
-        "BACKOUT_APP_ID": tag,
-        "BACKOUT_TOPIC_PREFIX": f"{tag}.backout.",
-        "BACKOUT_EVENT_TOPICS": ",".join(f"{tag}.{s}.events" for s in SERVICES),
-        "BACKOUT_SESSION_TIMEOUT": "2",
-        "BACKOUT_HEARTBEAT_INTERVAL": "0.5",
-        "BACKOUT_COMMIT_INTERVAL": "0.5",
-        "BACKOUT_POLL_INTERVAL": "0.2",
-        e2e_saga.COMMAND_PREFIX_ENV: f"{tag}.",
-        **extra,
-    }
+    """The worker's (and the CLI's) environment, with real spans to a file."""
+    return worker_env(
+        bootstrap,
+        tag,
+        database_url,
+        {
+            # Real spans (to a JSON-lines file), so commands carry trace context.
+            "OTEL_TRACES_EXPORTER": "console",
+            "BACKOUT_TRACE_FILE": str(log_dir / f"{tag}.traces.jsonl"),
+            **extra,
+        },
+    )
 
 
 def new_stack(
@@ -147,14 +101,7 @@ def new_stack(
     """A stack with fresh names, its topics created, its worker not yet started."""
     tag = unique_name("e2e")
     env = stack_env(bootstrap, tag, database_url, log_dir, extra or {})
-    # Tracked topics exist before the worker subscribes, command topics before
-    # anyone reads them: nothing depends on auto-creation timing.
-    _run(
-        ensure_topics(
-            bootstrap,
-            [f"{tag}.{s}.{kind}" for s in SERVICES for kind in ("events", "commands")],
-        )
-    )
+    run_sync(ensure_topics(bootstrap, service_topics(tag)))
     worker = WorkerProcess(env, log_path=log_dir / f"{tag}.log")
     return Stack(bootstrap=bootstrap, tag=tag, worker=worker, env=worker.env)
 

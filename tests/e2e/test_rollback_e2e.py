@@ -30,7 +30,9 @@ from tests.e2e.observe import (
     deployments,
     detail,
     final_status,
+    fresh_checkouts,
     publish,
+    publish_tracked,
     statuses_of,
     wait_state,
     wait_tracked,
@@ -70,8 +72,8 @@ async def test_rollback_compensates_across_services_in_causal_order(shared_stack
 
     async with stack.collector() as service:
         service.hold_confirmations()
-        await publish(stack, [*checkouts, untouched])
-        await wait_tracked(stack, orders, type_counts(checkouts, orders))
+        # `untouched` is of another orders deployment: none of its events count here.
+        await publish_tracked(stack, [*checkouts, untouched], orders)
         await wait_tracked(stack, payments, type_counts([*checkouts, untouched], payments))
 
         cli = asyncio.create_task(
@@ -130,13 +132,11 @@ async def test_rollback_compensates_across_services_in_causal_order(shared_stack
 async def test_dry_run_plans_without_commands(shared_stack: Stack) -> None:
     """`--dry-run`: `planned`, nothing sent; the real rollback afterwards sends it all."""
     stack = shared_stack
-    orders, payments, stock = deployments()
-    checkouts = [checkout(unique_name("o"), orders=orders, payments=payments, stock=stock)]
+    orders, checkouts = fresh_checkouts(1)
     dry_id, real_id = str(uuid.uuid4()), str(uuid.uuid4())
 
     async with stack.collector({real_id}) as service:
-        await publish(stack, checkouts)
-        await wait_tracked(stack, orders, type_counts(checkouts, orders))
+        await publish_tracked(stack, checkouts, orders)
         result = await stack.rollback(orders, "--dry-run", "--wait", signal_id=dry_id)
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines()[0].strip() == dry_id
@@ -159,15 +159,11 @@ async def test_dry_run_plans_without_commands(shared_stack: Stack) -> None:
 async def test_duplicate_signal_is_one_rollback(shared_stack: Stack) -> None:
     """The same `--signal-id` twice: one rollback, each command once."""
     stack = shared_stack
-    orders, payments, stock = deployments()
-    checkouts = [
-        checkout(unique_name("o"), orders=orders, payments=payments, stock=stock) for _ in range(2)
-    ]
+    orders, checkouts = fresh_checkouts(2)
     rollback_id, barrier_id = str(uuid.uuid4()), str(uuid.uuid4())
 
     async with stack.collector({rollback_id}) as service:
-        await publish(stack, checkouts)
-        await wait_tracked(stack, orders, type_counts(checkouts, orders))
+        await publish_tracked(stack, checkouts, orders)
         first, second = await asyncio.gather(
             stack.rollback(orders, signal_id=rollback_id),
             stack.rollback(orders, "--wait", signal_id=rollback_id),
@@ -216,15 +212,11 @@ async def test_unknown_deployment_is_rejected(shared_stack: Stack) -> None:
 async def test_blast_radius_guard_needs_force(shared_stack: Stack) -> None:
     """15 compensations against BACKOUT_MAX_COMPENSATIONS=12: rejected; --force runs it."""
     stack = shared_stack
-    orders, payments, stock = deployments()
-    checkouts = [
-        checkout(unique_name("o"), orders=orders, payments=payments, stock=stock) for _ in range(5)
-    ]
+    orders, checkouts = fresh_checkouts(5)
     refused_id, forced_id = str(uuid.uuid4()), str(uuid.uuid4())
 
     async with stack.collector({forced_id}) as service:
-        await publish(stack, checkouts)
-        await wait_tracked(stack, orders, type_counts(checkouts, orders))
+        await publish_tracked(stack, checkouts, orders)
         refused = await stack.rollback(orders, "--wait", signal_id=refused_id)
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert "BACKOUT_MAX_COMPENSATIONS=12" in refused.stderr
@@ -315,8 +307,7 @@ async def test_late_event_is_compensated(shared_stack: Stack) -> None:
     rollback_id = str(uuid.uuid4())
 
     async with stack.collector({rollback_id}) as service:
-        await publish(stack, checkouts)
-        await wait_tracked(stack, orders, type_counts(checkouts, orders))
+        await publish_tracked(stack, checkouts, orders)
         result = await stack.rollback(orders, "--wait", signal_id=rollback_id)
         assert result.returncode == 0, result.stdout + result.stderr
         done = await detail(stack, rollback_id)
@@ -365,21 +356,14 @@ async def test_killed_worker_resumes_the_rollback(ledger_url: str, make_stack: M
     """
     concurrency = 2
     stack = await make_stack(ledger_url, BACKOUT_CONCURRENCY=str(concurrency))
-    orders, payments, stock = deployments()
-    checkouts = [
-        checkout(
-            unique_name("o"), orders=orders, payments=payments, stock=stock, release_delay=0.25
-        )
-        for _ in range(12)
-    ]
+    orders, checkouts = fresh_checkouts(12, release_delay=0.25)
     expected = expected_commands(checkouts)
     children = {k for k, c in expected.items() if c.step != STEP_CANCEL}
     rollback_id = str(uuid.uuid4())
 
     async with stack.collector({rollback_id}) as service:
         service.hold_confirmations()
-        await publish(stack, checkouts)
-        await wait_tracked(stack, orders, type_counts(checkouts, orders))
+        await publish_tracked(stack, checkouts, orders)
         result = await stack.rollback(orders, signal_id=rollback_id)
         assert result.returncode == 0, result.stderr
 
@@ -420,13 +404,11 @@ async def test_killed_worker_resumes_the_rollback(ledger_url: str, make_stack: M
 async def test_signed_signals(ledger_url: str, make_stack: MakeStack) -> None:
     """With BACKOUT_SIGNAL_KEY: an unsigned signal is rejected, the CLI's signed one runs."""
     stack = await make_stack(ledger_url, BACKOUT_SIGNAL_KEY="e2e-" + uuid.uuid4().hex)
-    orders, payments, stock = deployments()
-    checkouts = [checkout(unique_name("o"), orders=orders, payments=payments, stock=stock)]
+    orders, checkouts = fresh_checkouts(1)
     forged_id, signed_id = str(uuid.uuid4()), str(uuid.uuid4())
 
     async with stack.collector({signed_id}) as service:
-        await publish(stack, checkouts)
-        await wait_tracked(stack, orders, type_counts(checkouts, orders))
+        await publish_tracked(stack, checkouts, orders)
 
         forged = RollbackSignal(
             signal_id=forged_id, deployment_id=orders, issued_at=datetime.now(UTC)

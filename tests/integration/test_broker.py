@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import consumers.broker
 from consumers.broker import BrokerError, EmbeddedBroker, find_free_port
+from consumers.topics import READER_SETTINGS
 from tests.support.names import unique_name
 from tests.support.waiting import wait_for
 
@@ -85,12 +86,7 @@ async def test_session_broker_round_trips_key_value_and_headers(kafka_bootstrap:
 
     # Assign instead of joining a group: a group join is held for half the
     # session timeout on Tansu, and this test is about the record, not groups.
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka_bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, **READER_SETTINGS)
     await consumer.start()
     try:
         tp = TopicPartition(topic, meta.partition)

@@ -87,6 +87,27 @@ def item(
     )
 
 
+async def add_rollback(
+    ledger: Ledger,
+    rollback_id: str,
+    *,
+    state: str = "accepted",
+    now: datetime = T0,
+    partition: int | None = 0,
+) -> None:
+    """A rollback of DEPLOY as a signal creates it, not planned yet."""
+    created = await ledger.create_rollback(
+        rollback_id,
+        signal={"signal_id": rollback_id, "deployment_id": DEPLOY},
+        deployment_id=DEPLOY,
+        dry_run=False,
+        state=state,
+        now=now,
+        signal_partition=partition,
+    )
+    assert created
+
+
 async def new_rollback(
     ledger: Ledger,
     rollback_id: str,
@@ -97,16 +118,7 @@ async def new_rollback(
     manual: list[dict[str, Any]] | None = None,
     uncovered: list[dict[str, Any]] | None = None,
 ) -> None:
-    created = await ledger.create_rollback(
-        rollback_id,
-        signal={"signal_id": rollback_id, "deployment_id": DEPLOY},
-        deployment_id=DEPLOY,
-        dry_run=False,
-        state="accepted",
-        now=T0,
-        signal_partition=partition,
-    )
-    assert created
+    await add_rollback(ledger, rollback_id, partition=partition)
     await ledger.save_plan(
         rollback_id, items, manual=manual or [], uncovered=uncovered or [], state=state, now=T0
     )
@@ -435,14 +447,7 @@ class LedgerContract:
     async def test_save_plan_inserts_compensations_and_items(self, ledger: Ledger) -> None:
         manual = [{"kind": "manual", "event_id": "m1", "action": "Call the customer"}]
         uncovered = [{"kind": "uncovered", "event_id": "u1", "reason": "no saga"}]
-        await ledger.create_rollback(
-            "rb-1",
-            signal={},
-            deployment_id=DEPLOY,
-            dry_run=False,
-            state="planning",
-            now=T0,
-        )
+        await add_rollback(ledger, "rb-1", state="planning")
 
         await ledger.save_plan(
             "rb-1",
@@ -806,14 +811,8 @@ class LedgerContract:
             ("r7", "planned", 2),
         ]
         for minute, (rollback_id, state, partition) in enumerate(layout):
-            await ledger.create_rollback(
-                rollback_id,
-                signal={},
-                deployment_id=DEPLOY,
-                dry_run=False,
-                state=state,
-                now=at(minute),
-                signal_partition=partition,
+            await add_rollback(
+                ledger, rollback_id, state=state, now=at(minute), partition=partition
             )
 
         async def active(partitions: list[int] | None = None) -> list[str]:
@@ -849,14 +848,7 @@ class LedgerContract:
         await ledger.track(
             [replace(event("e1"), occurred_at=happened), event("e2", 12 * 60 + 45)], now=tracked
         )
-        await ledger.create_rollback(
-            "rb-1",
-            signal={},
-            deployment_id=DEPLOY,
-            dry_run=False,
-            state="accepted",
-            now=tracked,
-        )
+        await add_rollback(ledger, "rb-1", now=tracked)
         await ledger.save_plan(
             "rb-1",
             [item("k1")],

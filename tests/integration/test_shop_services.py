@@ -158,6 +158,21 @@ def _service(cls: type[ShopService], bootstrap: str, topics: ShopTopics) -> Shop
     return cls(bootstrap, topics=topics, group_id=unique_name(cls.service), **FAST_GROUPS)
 
 
+@contextlib.asynccontextmanager
+async def payments_at_work(
+    bootstrap: str, topics: ShopTopics
+) -> AsyncIterator[tuple[PaymentsService, Collector, AIOKafkaProducer]]:
+    """The payments service running, a collector of its events and a command producer."""
+    payments = _service(PaymentsService, bootstrap, topics)
+    assert isinstance(payments, PaymentsService)
+    async with (
+        collecting(bootstrap, [topics.payments_events]) as events,
+        running(payments),
+        command_producer(bootstrap) as producer,
+    ):
+        yield payments, events, producer
+
+
 def _refund(order_id: str = "order-1", cents: int = 2_598) -> RefundPayment:
     return RefundPayment(
         order_id=order_id,
@@ -171,13 +186,8 @@ def _refund(order_id: str = "order-1", cents: int = 2_598) -> RefundPayment:
 async def test_command_is_applied_and_confirmed_with_the_key_as_causation(
     kafka_bootstrap: str, topics: ShopTopics
 ) -> None:
-    payments = _service(PaymentsService, kafka_bootstrap, topics)
     key = str(uuid.uuid4())
-    async with (
-        collecting(kafka_bootstrap, [topics.payments_events]) as events,
-        running(payments),
-        command_producer(kafka_bootstrap) as producer,
-    ):
+    async with payments_at_work(kafka_bootstrap, topics) as (payments, events, producer):
         await send_command(
             producer,
             topics.payments_commands,
@@ -216,13 +226,8 @@ async def test_command_is_applied_and_confirmed_with_the_key_as_causation(
 async def test_the_same_command_twice_is_applied_once_and_confirmed_twice_identically(
     kafka_bootstrap: str, topics: ShopTopics
 ) -> None:
-    payments = _service(PaymentsService, kafka_bootstrap, topics)
     key = str(uuid.uuid4())
-    async with (
-        collecting(kafka_bootstrap, [topics.payments_events]) as events,
-        running(payments),
-        command_producer(kafka_bootstrap) as producer,
-    ):
+    async with payments_at_work(kafka_bootstrap, topics) as (payments, events, producer):
         for _ in range(2):
             await send_command(producer, topics.payments_commands, _refund(cents=500), key=key)
         records = await wait_for(
@@ -242,13 +247,8 @@ async def test_the_same_command_twice_is_applied_once_and_confirmed_twice_identi
 async def test_a_command_without_idempotency_key_is_rejected_not_applied(
     kafka_bootstrap: str, topics: ShopTopics
 ) -> None:
-    payments = _service(PaymentsService, kafka_bootstrap, topics)
     key = str(uuid.uuid4())
-    async with (
-        collecting(kafka_bootstrap, [topics.payments_events]) as events,
-        running(payments),
-        command_producer(kafka_bootstrap) as producer,
-    ):
+    async with payments_at_work(kafka_bootstrap, topics) as (payments, events, producer):
         # Same partition (same record key), so the keyed command is read after it.
         await send_command(producer, topics.payments_commands, _refund(cents=700), key=None)
         await send_command(producer, topics.payments_commands, _refund(cents=300), key=key)

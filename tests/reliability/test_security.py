@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import json
 import random
@@ -25,10 +24,10 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -43,25 +42,15 @@ from tests.reliability.conftest import report
 from tests.support.kafka import Record, read_topic
 from tests.support.nasty import Events, Nasty, Sent, Target, produce, read_until, start_target
 from tests.support.nasty import wait_tracked as wait_ledger
+from tests.support.sync import run_sync
 from tests.support.worker import subprocess_env
 
 pytestmark = pytest.mark.e2e
 
-_T = TypeVar("_T")
 KEY = "reliability-signal-key-" + uuid.uuid4().hex
 TOKEN = "reliability-api-token-" + uuid.uuid4().hex
 GUARD = 3
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run `coro` from a sync fixture (on a private loop if one is running)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 class Secured:
@@ -92,7 +81,7 @@ def secured(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> I
         "evil.ignore('Anything')\n"
     )
     pythonpath = f"{REPO}:{modules}"
-    target = _run(
+    target = run_sync(
         start_target(
             kafka_bootstrap,
             f"sqlite+aiosqlite:///{root / 'ledger.db'}",

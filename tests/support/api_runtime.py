@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from consumers.publisher import KafkaPublisher
 from consumers.settings import Settings
+from consumers.topics import missing_topics, open_reader
 from sagas import CompensationContext, PermanentError, RetryPolicy, Saga
 from sagas.clock import SystemClock
 from sagas.engine import EngineSettings, RollbackEngine
@@ -148,27 +148,13 @@ async def read_records(
 
     The wait after `count` catches records that should not be there.
     """
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
+    # The topic may not exist yet: the worker's publisher creates it on first use.
+    consumer = await open_reader(bootstrap, [topic], wait=timeout)
     records: list[ConsumerRecord[bytes, bytes]] = []
     try:
+        if missing_topics(consumer, [topic]):
+            raise AssertionError(f"topic {topic} does not exist after {timeout:g}s")
         deadline = time.monotonic() + timeout
-        partitions: set[int] = set()
-        while not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions and time.monotonic() > deadline:
-                raise AssertionError(f"topic {topic} does not exist after {timeout:g}s")
-            if not partitions:
-                await asyncio.sleep(0.1)
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        await consumer.seek_to_beginning()
         enough_at: float | None = None
         while True:
             now = time.monotonic()

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import RecordMetadata
 
+from consumers.topics import missing_topics, open_reader
 from schemas.headers import COMPENSATES_HEADER, IDEMPOTENCY_KEY_HEADER, ROLLBACK_ID_HEADER
 
 PARTITIONS = 4  # what the broker gives an auto-created topic; ours match it
@@ -165,36 +166,14 @@ class Producer:
 
 
 async def _assigned_consumer(bootstrap: str, topics: Iterable[str]) -> AIOKafkaConsumer:
-    """A group-less consumer on every partition of `topics`, from the earliest offset.
-
-    Group-less on purpose: nothing to join (a Tansu group join is held for
-    half a session timeout) and nothing committed; every reader sees all.
-    """
+    """A reader (`consumers.topics`) of every partition of `topics`, created if need be."""
     topics = list(topics)
     await ensure_topics(bootstrap, topics)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
-    try:
-        partitions: list[TopicPartition] = []
-        for topic in topics:
-            found = consumer.partitions_for_topic(topic)
-            if not found:
-                await consumer._client.force_metadata_update()
-                found = consumer.partitions_for_topic(topic)
-            if not found:
-                raise AssertionError(f"topic {topic!r} has no partitions after creating it")
-            partitions += [TopicPartition(topic, p) for p in sorted(found)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning()
-    except BaseException:
+    consumer = await open_reader(bootstrap, topics)
+    missing = missing_topics(consumer, topics)
+    if missing:
         await consumer.stop()
-        raise
+        raise AssertionError(f"topics {missing} have no partitions after creating them")
     return consumer
 
 

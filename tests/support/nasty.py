@@ -38,23 +38,15 @@ from hypothesis import strategies as st
 
 from consumers.decoding import MAX_NESTING, MAX_RECORD_BYTES
 from sagas.ledger import Ledger
-from tests.support import e2e_saga
+from tests.support.contract import ENVELOPE_OPTIONAL
+from tests.support.contract import ENVELOPE_REQUIRED as REQUIRED
+from tests.support.e2e_worker import WorkerTopics, service_topics, worker_env
 from tests.support.kafka import Record, ensure_topics, read_topic
 from tests.support.names import unique_name
 from tests.support.worker import WorkerProcess
 
 _T = TypeVar("_T")
 
-REQUIRED = (
-    "event_id",
-    "event_type",
-    "schema_version",
-    "service",
-    "service_version",
-    "deployment_id",
-    "occurred_at",
-    "payload",
-)
 # Values each field must refuse (pydantic's lax mode accepts "1" and 1.0 for
 # an int, so those are not here). `None` is fine for the optional ids.
 _BAD_STRING = [None, 0, 1.5, True, [], {}, "", "x" * 256, ["id"], {"id": 1}]
@@ -554,14 +546,14 @@ def good_envelopes(draw: st.DrawFn) -> dict[str, Any]:
         "occurred_at": draw(rfc3339),
         "payload": draw(st.dictionaries(st.text(_NO_NUL, max_size=8), json_values, max_size=5)),
     }
-    for name in ("correlation_id", "causation_id", "key"):
+    for name in ENVELOPE_OPTIONAL:
         choice = draw(st.sampled_from(["absent", "null", "set"]))
         if choice != "absent":
             document[name] = draw(ids) if choice == "set" else None
     extras = draw(
         st.dictionaries(st.text(_NO_NUL, min_size=1, max_size=8), json_values, max_size=2)
     )
-    known = {*REQUIRED, "correlation_id", "causation_id", "key"}
+    known = {*REQUIRED, *ENVELOPE_OPTIONAL}
     return {**{k: v for k, v in extras.items() if k not in known}, **document}
 
 
@@ -835,36 +827,13 @@ READABLE_REASONS = (
 
 
 @dataclass
-class Target:
+class Target(WorkerTopics):
     """A `backout worker` process to throw records at, with names of its own."""
 
     bootstrap: str
     tag: str
     database_url: str
     worker: WorkerProcess
-
-    def events_topic(self, service: str) -> str:
-        """The tracked event topic of `service` (orders, payments, stock)."""
-        return f"{self.tag}.{service}.events"
-
-    def command_topic(self, service: str) -> str:
-        """Where the e2e saga sends `service`'s commands."""
-        return e2e_saga.command_topic(service, prefix=f"{self.tag}.")
-
-    @property
-    def signals_topic(self) -> str:
-        """`<prefix>rollbacks`."""
-        return f"{self.tag}.backout.rollbacks"
-
-    @property
-    def status_topic(self) -> str:
-        """`<prefix>status`."""
-        return f"{self.tag}.backout.status"
-
-    @property
-    def dlq_topic(self) -> str:
-        """`<prefix>dlq`."""
-        return f"{self.tag}.backout.dlq"
 
     @property
     def env(self) -> dict[str, str]:
@@ -884,24 +853,8 @@ class Target:
 async def start_target(bootstrap: str, database_url: str, log_dir: Any, **extra: str) -> Target:
     """Create the topics, then start a worker tracking `<tag>.{orders,payments,stock}.events`."""
     tag = unique_name("rel")
-    services = e2e_saga.SERVICES
-    await ensure_topics(
-        bootstrap, [f"{tag}.{s}.{kind}" for s in services for kind in ("events", "commands")]
-    )
-    env = {
-        "BACKOUT_BROKER": f"kafka://{bootstrap}",
-        "BACKOUT_DATABASE_URL": database_url,
-        "BACKOUT_SAGAS": "tests.support.e2e_saga",
-        "BACKOUT_APP_ID": tag,
-        "BACKOUT_TOPIC_PREFIX": f"{tag}.backout.",
-        "BACKOUT_EVENT_TOPICS": ",".join(f"{tag}.{s}.events" for s in services),
-        "BACKOUT_SESSION_TIMEOUT": "2",
-        "BACKOUT_HEARTBEAT_INTERVAL": "0.5",
-        "BACKOUT_COMMIT_INTERVAL": "0.5",
-        "BACKOUT_POLL_INTERVAL": "0.2",
-        e2e_saga.COMMAND_PREFIX_ENV: f"{tag}.",
-        **extra,
-    }
+    await ensure_topics(bootstrap, service_topics(tag))
+    env = worker_env(bootstrap, tag, database_url, extra)
     worker = WorkerProcess(env, log_path=log_dir / f"{tag}.log")
     await worker.start()
     return Target(bootstrap, tag, database_url, worker)

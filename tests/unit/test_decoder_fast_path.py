@@ -19,20 +19,9 @@ from consumers.decoding import EventDecoder, _fast_event
 from sagas.ledger import TrackedEvent
 from sagas.registry import SagaRegistry
 from schemas.envelope import EventEnvelope
+from tests.support.contract import ENVELOPE_OPTIONAL, ENVELOPE_REQUIRED
 
-FIELDS = (
-    "event_id",
-    "event_type",
-    "schema_version",
-    "service",
-    "service_version",
-    "deployment_id",
-    "occurred_at",
-    "correlation_id",
-    "causation_id",
-    "key",
-    "payload",
-)
+FIELDS = (*ENVELOPE_REQUIRED, *ENVELOPE_OPTIONAL)
 
 GOOD: dict[str, Any] = {
     "event_id": "e-1",

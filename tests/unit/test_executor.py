@@ -23,7 +23,7 @@ from sagas.context import CompensationContext, SentCommand
 from sagas.definition import Saga
 from sagas.engine import EngineSettings
 from sagas.errors import CompensationError, LedgerError, PermanentError
-from sagas.ledger import CompensationState
+from sagas.ledger import CompensationState, RollbackRecord
 from sagas.planner import idempotency_key
 from sagas.retry import RetryPolicy
 from sagas.testing import SagaTestHarness
@@ -172,6 +172,21 @@ class Shop:
         )
         await self.h.emit(placed, paid, reserved)
         return [placed, paid, reserved]
+
+    async def captured_payment(self) -> EventEnvelope:
+        """One PaymentCaptured of the payments service, tracked."""
+        paid = self.event("PaymentCaptured", service="payments")
+        await self.h.emit(paid)
+        return paid
+
+    async def refund_awaiting_confirmation(self) -> tuple[EventEnvelope, RollbackRecord]:
+        """A running rollback of one captured payment: its refund sent once and applied."""
+        paid = await self.captured_payment()
+        record = await self.h.rollback(DEPLOYMENT, settle=False)
+        await until(lambda: len(self.h.sent) == 1, "first refund sent")
+        # A confirmation deadline counts from the handler's return: let its outcome land first.
+        await self.until_state(paid, S.APPLIED)
+        return paid, record
 
     # -- inspection ------------------------------------------------------------------
 
@@ -535,12 +550,7 @@ class TestConfirmations:
 
     async def test_timeout_reruns_the_handler_with_the_same_key(self) -> None:
         async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
-            paid = shop.event("PaymentCaptured", service="payments")
-            await shop.h.emit(paid)
-            record = await shop.h.rollback(DEPLOYMENT, settle=False)
-            await until(lambda: len(shop.h.sent) == 1, "first refund sent")
-            # The deadline counts from the handler's return: let its outcome land first.
-            await shop.until_state(paid, S.APPLIED)
+            paid, record = await shop.refund_awaiting_confirmation()
             await shop.h.clock.advance(9.9)
             await asyncio.sleep(0.01)
             assert len(shop.calls) == 1
@@ -561,11 +571,7 @@ class TestConfirmations:
 
     async def test_a_confirmation_for_the_first_send_still_counts_after_a_rerun(self) -> None:
         async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
-            paid = shop.event("PaymentCaptured", service="payments")
-            await shop.h.emit(paid)
-            record = await shop.h.rollback(DEPLOYMENT, settle=False)
-            await until(lambda: len(shop.h.sent) == 1, "first refund sent")
-            await shop.until_state(paid, S.APPLIED)
+            paid, record = await shop.refund_awaiting_confirmation()
             await shop.h.clock.advance(10)
             await until(lambda: len(shop.h.sent) == 2, "refund sent again")
             # The slow service finally answers the first command: same key, so it confirms.
@@ -581,8 +587,7 @@ class TestConfirmations:
             retry=RetryPolicy(max_attempts=3),
             settings=NO_POLLING,
         ) as shop:
-            paid = shop.event("PaymentCaptured", service="payments")
-            await shop.h.emit(paid)
+            paid = await shop.captured_payment()
             record = await shop.h.rollback(DEPLOYMENT)
 
             assert record.state == RollbackState.FAILED
@@ -599,8 +604,7 @@ class TestConfirmations:
 
     async def test_confirmation_before_the_outcome_is_recorded_wins(self) -> None:
         async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
-            paid = shop.event("PaymentCaptured", service="payments")
-            await shop.h.emit(paid)
+            paid = await shop.captured_payment()
             shop.gates[paid.event_id] = asyncio.Event()
             record = await shop.h.rollback(DEPLOYMENT, settle=False)
             await until(lambda: len(shop.h.sent) == 1, "refund sent")

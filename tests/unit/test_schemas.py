@@ -32,20 +32,11 @@ from schemas.dlq import (
     SOURCE_PARTITION_HEADER,
     SOURCE_TOPIC_HEADER,
 )
+from tests.support.contract import ENVELOPE_OPTIONAL, ENVELOPE_REQUIRED
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 KEY = "s3cret-signal-key"
 
-ENVELOPE_REQUIRED = {
-    "event_id",
-    "event_type",
-    "schema_version",
-    "service",
-    "service_version",
-    "deployment_id",
-    "occurred_at",
-    "payload",
-}
 SIGNAL_REQUIRED = {"signal_id", "issued_at"}
 STATUS_FIELDS = {
     "rollback_id",
@@ -610,12 +601,8 @@ class TestExportJsonSchemas:
             loaded["rollback-signal"],
             loaded["rollback-status"],
         )
-        assert set(envelope["required"]) == ENVELOPE_REQUIRED
-        assert set(envelope["properties"]) == ENVELOPE_REQUIRED | {
-            "correlation_id",
-            "causation_id",
-            "key",
-        }
+        assert set(envelope["required"]) == set(ENVELOPE_REQUIRED)
+        assert set(envelope["properties"]) == {*ENVELOPE_REQUIRED, *ENVELOPE_OPTIONAL}
         assert envelope["properties"]["occurred_at"]["format"] == "date-time"
         assert envelope["properties"]["schema_version"]["minimum"] == 1
         assert set(signal["required"]) == SIGNAL_REQUIRED
