@@ -11,10 +11,11 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from opentelemetry.trace import SpanKind
 
 from consumers.settings import Settings
+from consumers.topics import open_reader
 from sagas import tracing
 from schemas.signal import SIGNATURE_HEADER, RollbackSignal, sign
 from schemas.status import RollbackState, RollbackStatus
@@ -71,29 +72,6 @@ async def publish_signal(settings: Settings, signal: RollbackSignal) -> None:
         await producer.stop()
 
 
-async def _topic_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:
-    """A group-less consumer of every partition of `topic`, from the beginning."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-    )
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        await consumer.seek_to_beginning()
-    except BaseException:
-        await consumer.stop()
-        raise
-    return consumer
-
-
 def _parse(value: bytes | None) -> RollbackStatus | None:
     if not value:
         return None
@@ -113,7 +91,7 @@ async def read_topic(
     reached records written after the read began (a live worker keeps
     writing), or after `max_seconds`.
     """
-    consumer = await _topic_consumer(settings, topic)
+    consumer = await open_reader(settings.bootstrap_servers, [topic])
     found: list[ConsumerRecord[bytes, bytes]] = []
     started_ms = time.time() * 1000
     started = time.monotonic()
@@ -160,7 +138,7 @@ async def follow_status(
         The final status, or None when `timeout` passed first (the last
         status seen is passed to `on_status` as it arrives).
     """
-    consumer = await _topic_consumer(settings, settings.status_topic)
+    consumer = await open_reader(settings.bootstrap_servers, [settings.status_topic])
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
