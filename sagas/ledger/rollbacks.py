@@ -457,7 +457,7 @@ class RollbackStore:
             return await _update_keys(
                 conn,
                 keys,
-                t.compensations.c.state == S.PENDING,
+                _by_key(conn) == S.PENDING,
                 state=S.RUNNING,
                 attempts=t.compensations.c.attempts + 1,
                 claimed_by=rollback_id,
@@ -514,7 +514,7 @@ class RollbackStore:
             return await _update_keys(
                 conn,
                 keys,
-                t.compensations.c.state == S.APPLIED,
+                _by_key(conn) == S.APPLIED,
                 state=next_state,
                 last_error=error,
                 next_attempt_at=now,
@@ -537,9 +537,7 @@ class RollbackStore:
         if state == S.PENDING:
             values["next_attempt_at"] = None
         async with write_transaction(self.engine) as conn:
-            return await _update_keys(
-                conn, keys, t.compensations.c.state.in_(list(only_from)), **values
-            )
+            return await _update_keys(conn, keys, _by_key(conn).in_(list(only_from)), **values)
 
     async def release_claims(self, rollback_id: str, *, now: datetime) -> list[str]:
         """running → pending for claims of `rollback_id` whose outcome was never recorded.
@@ -700,6 +698,20 @@ def _either(states: Sequence[CompensationState]) -> str:
     """The states an operator action needs, as its refusal words them ("failed or blocked")."""
     names = [str(state) for state in states]
     return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _by_key(conn: AsyncConnection) -> Any:
+    """`compensations.state` for a WHERE that also names the keys.
+
+    SQLite has no statistics on a fresh ledger and, for `key IN (...) AND
+    state = ?`, prefers the `state` index, walking every pending row of every
+    plan for each claim (measured: a 100,000-compensation rollback 4 times
+    slower per compensation than a 10,000 one). `state || ''` is the same
+    value without the index, so the primary key serves the lookup.
+    PostgreSQL plans by statistics and gets the plain column.
+    """
+    state = t.compensations.c.state
+    return state.concat("") if conn.dialect.name == "sqlite" else state
 
 
 def _changed_elsewhere(query: Any, rollback_id: str, since: datetime) -> Any:

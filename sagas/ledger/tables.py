@@ -144,8 +144,7 @@ compensations = Table(
     Column("created_at", Time, nullable=False),
     Column("updated_at", Time, nullable=False),
     Index(None, "event_id"),
-    # No index on `state`: every query names the keys or the rollback, and
-    # the index cost a write on every state change (0003 drops it).
+    Index(None, "state"),
     # Runs poll "what changed since my last look" (other workers, operators).
     Index(None, "updated_at"),
 )
