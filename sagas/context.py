@@ -91,6 +91,11 @@ class CompensationContext:
             (ROLLBACK_ID_HEADER, self.rollback_id.encode()),
             (COMPENSATES_HEADER, self.envelope.event_id.encode()),
         ]
+        if not tracing.installed():
+            # No span to make (the no-op tracer would hand back the current
+            # one): the command carries the current context as it is.
+            await self._deliver(topic, _encode_value(value), encoded_key, record_headers)
+            return
         attributes: dict[str, str | int] = {
             tracing.MESSAGING_SYSTEM: "kafka",
             tracing.MESSAGING_DESTINATION: topic,
@@ -104,13 +109,14 @@ class CompensationContext:
         with tracing.tracer().start_as_current_span(
             tracing.span_send(topic), kind=SpanKind.PRODUCER, attributes=attributes
         ):
-            command = SentCommand(
-                topic=topic,
-                value=_encode_value(value),
-                key=encoded_key,
-                headers=record_headers + tracing.current_headers(),
-            )
-            await self.sink.send(command.topic, command.value, command.key, command.headers)
+            await self._deliver(topic, _encode_value(value), encoded_key, record_headers)
+
+    async def _deliver(self, topic: str, value: bytes, key: bytes | None, headers: Headers) -> None:
+        """Hand one command to the sink with the current trace context, and record it."""
+        command = SentCommand(
+            topic=topic, value=value, key=key, headers=headers + tracing.current_headers()
+        )
+        await self.sink.send(command.topic, command.value, command.key, command.headers)
         self.sent.append(command)
 
 

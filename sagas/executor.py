@@ -536,7 +536,7 @@ class RollbackRun:
 
     async def _attempt(self, item: _Item, attempt: int) -> Outcome:
         event = self._events[item.record.event_id]
-        if not _tracing_installed():
+        if not tracing.installed():
             # OpenTelemetry's no-op tracer hands back the current span as the
             # "new" one: skipping it changes nothing but the cost (two spans
             # per compensation were ~15% of a worker's CPU in a rollback).
@@ -623,13 +623,6 @@ class RollbackRun:
             error=error,
             next_attempt_at=self.clock.now() + timedelta(seconds=wait),
         )
-
-
-def _tracing_installed() -> bool:
-    """Whether a real tracer provider is installed (else every span is a no-op)."""
-    return not isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
-    )
 
 
 def _is_open(item: _Item, state: S) -> int:

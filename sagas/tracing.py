@@ -59,6 +59,18 @@ def tracer() -> Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
+def installed() -> bool:
+    """Whether a real tracer provider is installed (else every span is a no-op).
+
+    OpenTelemetry's no-op tracer hands back the current span as the "new"
+    one, so skipping a span when this is False changes nothing but the cost
+    (hot paths: a compensation attempt and its command).
+    """
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+
+
 def context_from_headers(headers: Iterable[tuple[str, bytes]] | None) -> Context:
     """The trace context carried by Kafka record headers (W3C `traceparent`)."""
     carrier = {
