@@ -49,6 +49,7 @@ class Runtime(Service):
         self.tracker: Tracker | None = None
         self.dead_letters: DeadLetters | None = None
         self._owned_partitions: set[int] = set()
+        self._reconcile_failing = False
 
     async def ready(self) -> None:
         """Wait until the ledger, producer and engine are up."""
@@ -148,8 +149,18 @@ class Runtime(Service):
             # Only rollbacks whose signal partition this worker owns: another
             # worker resumes the rest.
             await self.engine.resume(self._owned_partitions)
-        except Exception:
-            log.warning("reconcile failed", exc_info=True)
+        except Exception as exc:
+            # The traceback once; while it keeps failing (a ledger outage
+            # lasts), one line every 5 s says it still does.
+            if self._reconcile_failing:
+                log.warning("reconcile still failing: %s: %s", type(exc).__name__, exc)
+            else:
+                log.warning("reconcile failed; retrying every 5 s", exc_info=True)
+            self._reconcile_failing = True
+            return
+        if self._reconcile_failing:
+            log.warning("reconcile works again")
+        self._reconcile_failing = False
 
     async def _create_topics(self) -> None:
         s = self.settings
