@@ -17,6 +17,11 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from consumers.settings import Settings
+from sagas.errors import BackoutError
+
+
+class TracingSettingsError(BackoutError, ValueError):
+    """`OTEL_*` settings Backout cannot honour (the CLI prints the message, exit 1)."""
 
 
 class JsonLinesExporter(SpanExporter):
@@ -43,6 +48,28 @@ def exporter_name() -> str:
     return "otlp" if endpoint else "none"
 
 
+# The one OTLP transport installed (grpcio is a heavy native dependency).
+OTLP_PROTOCOL = "http/protobuf"
+
+
+def check_otlp_protocol() -> None:
+    """Refuse an OTLP protocol other than HTTP/protobuf instead of ignoring it.
+
+    A collector told to listen for gRPC (port 4317) would otherwise receive
+    HTTP requests and drop every span, with nothing in the worker's log.
+    """
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = os.environ.get(variable, "").strip().lower()
+        if protocol and protocol != OTLP_PROTOCOL:
+            raise TracingSettingsError(
+                f"{variable}={protocol!r}: Backout exports OTLP over {OTLP_PROTOCOL} only; "
+                f"set {variable}={OTLP_PROTOCOL} and point OTEL_EXPORTER_OTLP_ENDPOINT at "
+                "the collector's HTTP port (4318)"
+            )
+        if protocol:
+            return  # the traces-specific variable wins over the general one
+
+
 def configure_tracing(settings: Settings) -> TracerProvider | None:
     """Install a tracer provider as the environment asks; None for `none`."""
     name = exporter_name()
@@ -60,8 +87,10 @@ def configure_tracing(settings: Settings) -> TracerProvider | None:
     elif name == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+        check_otlp_protocol()
+
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:
-        raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not otlp, console or none")
+        raise TracingSettingsError(f"OTEL_TRACES_EXPORTER={name!r} is not otlp, console or none")
     trace.set_tracer_provider(provider)
     return provider

@@ -315,6 +315,22 @@ def test_worker_refuses_a_broken_saga_module_clearly(env: dict[str, str]) -> Non
     )
 
 
+@pytest.mark.parametrize(
+    ("otel", "needle"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER='zipkin' is not otlp"),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "exports OTLP over http/protobuf only",
+        ),
+    ],
+)
+def test_worker_refuses_tracing_settings_it_cannot_honour(
+    env: dict[str, str], otel: dict[str, str], needle: str
+) -> None:
+    assert_clean_error(backout("worker", env={**env, **otel}, timeout=60), needle)
+
+
 def test_broker_refuses_a_taken_port(env: dict[str, str], kafka_bootstrap: str) -> None:
     port = kafka_bootstrap.rsplit(":", 1)[1]
     assert_clean_error(backout("broker", "--port", port, env=env), "already in use")
