@@ -384,28 +384,18 @@ class RollbackStore:
             )
             return int(result.scalar_one())
 
-    async def changed_compensations(
+    async def changed_states(
         self, rollback_id: str, *, since: datetime
-    ) -> list[CompensationRecord]:
-        """A rollback's compensations changed by someone else at or after `since`.
+    ) -> list[tuple[str, CompensationState]]:
+        """(key, state) of a rollback's compensations changed by someone else since `since`.
 
         "Someone else": a confirmation or an operator skip (whoever wrote it),
         an operator retry (pending again with a fresh budget), or a claim by
         another rollback sharing the key. The run's own writes are left out,
         so a poll reads what changed elsewhere, not the run's own progress.
-        """
-        query = _changed_elsewhere(select(t.compensations), rollback_id, since)
-        async with self.engine.connect() as conn:
-            return [compensation_from_row(r) for r in (await conn.execute(query)).all()]
-
-    async def changed_states(
-        self, rollback_id: str, *, since: datetime
-    ) -> list[tuple[str, CompensationState]]:
-        """(key, state) of what `changed_compensations` would return, and nothing else.
-
-        A run polls this twice a second; most rows it returns are changes the
-        run knows already (its own confirmations), so it reads two columns and
-        fetches whole records only for the keys that really differ.
+        A run polls this twice a second; most rows are changes it knows
+        already (its own confirmations), so only two columns are read and the
+        run fetches whole records (`get_compensations`) for keys that differ.
         """
         c = t.compensations.c
         query = _changed_elsewhere(select(c.idempotency_key, c.state), rollback_id, since)

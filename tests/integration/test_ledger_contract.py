@@ -736,6 +736,34 @@ class LedgerContract:
         assert back == ["a"]
         assert await states(ledger, "a", "b") == {"a": S.PENDING, "b": S.RUNNING}
 
+    async def test_changed_states_reports_what_changed_elsewhere(self, ledger: Ledger) -> None:
+        keys = ["confirmed", "own", "skipped", "retried", "shared"]
+        await new_rollback(ledger, "rb-1", [item(k, i, confirm="C") for i, k in enumerate(keys)])
+        await new_rollback(ledger, "rb-2", [item("shared"), item("other-plan", 1)])
+        await ledger.claim(["confirmed", "own", "retried"], now=at(1), rollback_id="rb-1")
+        await ledger.record_outcomes(
+            [
+                Outcome("confirmed", S.APPLIED),
+                Outcome("own", S.APPLIED),
+                Outcome("retried", S.FAILED, error="boom"),
+            ],
+            now=at(2),
+        )
+
+        await ledger.track([event("conf", 3, event_type="C", causation="confirmed")], now=at(3))
+        await ledger.skip_compensation("skipped", reason="operator", now=at(3))
+        await ledger.retry_compensation("retried", now=at(3))
+        await ledger.claim(["shared", "other-plan"], now=at(3), rollback_id="rb-2")
+
+        changed = dict(await ledger.changed_states("rb-1", since=at(2.5)))
+        assert changed == {
+            "confirmed": S.CONFIRMED,
+            "skipped": S.SKIPPED,
+            "retried": S.PENDING,
+            "shared": S.RUNNING,
+        }
+        assert await ledger.changed_states("rb-1", since=at(4)) == []
+
     async def test_expire_confirmations_only_touches_applied(self, ledger: Ledger) -> None:
         await new_rollback(ledger, "rb-1", [item("a", confirm="C"), item("b", 1, confirm="C")])
         await ledger.claim(["a", "b"], now=at(1))
