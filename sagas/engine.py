@@ -578,7 +578,8 @@ class RollbackEngine:
         planned = await self.ledger.planned_event_ids(
             rollback_id, (e.event_id for e in descendants)
         )
-        return [e for e in descendants if e.event_id not in effects | planned]
+        leave_out = effects | planned
+        return [e for e in descendants if e.event_id not in leave_out]
 
     async def _add_late(
         self, record: RollbackRecord, late: list[TrackedEvent], *, first_position: int
