@@ -22,8 +22,7 @@ benchmark run has topics of its own. Load it with `BACKOUT_SAGAS=bench.saga`.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel
 
@@ -84,37 +83,39 @@ STEPS = (
     ("BenchOrderConfirmed", "orders", "UnconfirmOrder", "BenchOrderUnconfirmed"),
 )
 CONFIRMATION_OF = {command: confirm for _, _, command, confirm in STEPS}
-MODELS: dict[str, type[BaseModel]] = {
-    model.__event_type__: model
-    for model in (BenchOrderPlaced, BenchPaymentCaptured, BenchStockReserved, BenchOrderConfirmed)
-}
-# Per command: the name of its step (`bench.<name>`) and what the command
-# carries besides `order_id` (command field -> event field).
-COMMANDS: dict[str, tuple[str, dict[str, str]]] = {
-    "CancelOrder": ("cancel_order", {}),
-    "RefundPayment": ("refund_payment", {"amount": "amount_cents"}),
-    "ReleaseStock": ("release_stock", {"sku": "sku"}),
-    "UnconfirmOrder": ("unconfirm_order", {}),
-}
 
 
-def _compensation(
-    service: str, command: str
-) -> Callable[[Any, CompensationContext], Awaitable[None]]:
-    """The step that sends `command` to `service`, keyed by the order."""
-    name, carried = COMMANDS[command]
-
-    async def compensate(event: Any, ctx: CompensationContext) -> None:
-        fields = {field: getattr(event, source) for field, source in carried.items()}
-        await ctx.send(
-            command_topic(service),
-            {"command": command, "order_id": event.order_id, **fields},
-            key=event.order_id,
-        )
-
-    compensate.__name__ = compensate.__qualname__ = name  # steps are named after handlers
-    return compensate
+@bench.compensate(BenchOrderPlaced, confirm="BenchOrderCancelled")
+async def cancel_order(event: BenchOrderPlaced, ctx: CompensationContext) -> None:
+    await ctx.send(
+        command_topic("orders"),
+        {"command": "CancelOrder", "order_id": event.order_id},
+        key=event.order_id,
+    )
 
 
-for _event_type, _service, _command, _confirm in STEPS:
-    bench.compensate(MODELS[_event_type], confirm=_confirm)(_compensation(_service, _command))
+@bench.compensate(BenchPaymentCaptured, confirm="BenchPaymentRefunded")
+async def refund_payment(event: BenchPaymentCaptured, ctx: CompensationContext) -> None:
+    await ctx.send(
+        command_topic("payments"),
+        {"command": "RefundPayment", "order_id": event.order_id, "amount": event.amount_cents},
+        key=event.order_id,
+    )
+
+
+@bench.compensate(BenchStockReserved, confirm="BenchStockReleased")
+async def release_stock(event: BenchStockReserved, ctx: CompensationContext) -> None:
+    await ctx.send(
+        command_topic("stock"),
+        {"command": "ReleaseStock", "order_id": event.order_id, "sku": event.sku},
+        key=event.order_id,
+    )
+
+
+@bench.compensate(BenchOrderConfirmed, confirm="BenchOrderUnconfirmed")
+async def unconfirm_order(event: BenchOrderConfirmed, ctx: CompensationContext) -> None:
+    await ctx.send(
+        command_topic("orders"),
+        {"command": "UnconfirmOrder", "order_id": event.order_id},
+        key=event.order_id,
+    )
