@@ -388,7 +388,7 @@ class Bench:
                 "--format",
                 "raw",
                 "--rate",
-                "100",
+                os.environ.get("BENCH_PROFILE_RATE", "100"),
                 "--nonblocking",
                 "--output",
                 str(out),

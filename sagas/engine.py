@@ -271,11 +271,16 @@ class RollbackEngine:
             await self.ledger.set_deployment_of(rollback_id, radius.deployment_id)
         await self._publish(rollback_id)
         if not signal.dry_run:
-            self._start(rollback_id)
+            # The run gets the events the plan was made from: reading them
+            # back from the ledger was ~15% of planning 10,000 events (and
+            # tracked events never change).
+            self._start(rollback_id, known_events={e.event_id: e for e in radius.events})
 
     # -- runs ------------------------------------------------------------------
 
-    def _start(self, rollback_id: str) -> None:
+    def _start(
+        self, rollback_id: str, *, known_events: dict[str, TrackedEvent] | None = None
+    ) -> None:
         task = self._tasks.get(rollback_id)
         if task is not None and not task.done():
             # The task registers its run only after its first ledger read; a
@@ -288,10 +293,12 @@ class RollbackEngine:
             self._recheck.add(rollback_id)
             return
         self._tasks[rollback_id] = asyncio.create_task(
-            self._drive(rollback_id), name=f"rollback {rollback_id}"
+            self._drive(rollback_id, known_events), name=f"rollback {rollback_id}"
         )
 
-    async def _drive(self, rollback_id: str) -> None:
+    async def _drive(
+        self, rollback_id: str, known_events: dict[str, TrackedEvent] | None = None
+    ) -> None:
         record = await self.ledger.require_rollback(rollback_id)
         run = RollbackRun(
             rollback_id,
@@ -306,6 +313,7 @@ class RollbackEngine:
             on_outcome=self._count_outcome,
             is_paused=lambda: self._is_paused(rollback_id),
             poll_interval=self.settings.poll_interval,
+            known_events=known_events,
         )
         self._runs[rollback_id] = run
         if rollback_id in self._stopping:  # stop() came while the record was read
@@ -487,7 +495,11 @@ class RollbackEngine:
         if result.confirmed_keys:
             for run in list(self._runs.values()):
                 run.confirmed(result.confirmed_keys)
-            await self._trace_confirmations(result)
+            if tracing.installed():
+                # Without a tracer provider the spans would be dropped anyway;
+                # the ledger read for their links was ~10% of a rollback's
+                # ledger time.
+                await self._trace_confirmations(result)
         if result.new_events:
             await self._late_events(result.new_events, confirming=set(result.confirmed_keys))
 
@@ -517,14 +529,17 @@ class RollbackEngine:
     async def _late_events(
         self, events: list[TrackedEvent], *, confirming: set[str] | None = None
     ) -> None:
+        # An event that confirmed a compensation is a compensation's effect
+        # (its causation id is a key): known without asking the ledger. In a
+        # rollback nearly every tracked event is one: no query at all then.
+        confirming = confirming or set()
+        events = [e for e in events if e.causation_id not in confirming]
+        if not events:
+            return
         now = self.clock.now()
         open_rollbacks = await self.ledger.quarantining_rollbacks(now)
         if not open_rollbacks:
             return
-        # An event that confirmed a compensation is a compensation's effect
-        # (its causation id is a key): known without asking the ledger.
-        confirming = confirming or set()
-        events = [e for e in events if e.causation_id not in confirming]
         effects = await self._compensation_effects(events)
         candidates = [e for e in events if e.event_id not in effects]
         if not candidates:

@@ -14,7 +14,7 @@ import dataclasses
 import heapq
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -89,6 +89,8 @@ class RollbackRun:
         is_paused: async callable telling whether an operator paused the rollback.
         poll_interval: seconds between checks of the ledger for confirmations
             recorded by other workers and for operator actions.
+        known_events: tracked events by id already in memory (the ones the
+            plan was made from); the run reads only the others from the ledger.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class RollbackRun:
         is_paused: Callable[[], Any] | None = None,
         poll_interval: float = 0.5,
         rng: random.Random | None = None,
+        known_events: Mapping[str, TrackedEvent] | None = None,
     ) -> None:
         self.rollback_id = rollback_id
         self.deployment_id = deployment_id
@@ -124,7 +127,7 @@ class RollbackRun:
         self._items: dict[str, _Item] = {}
         # Resolved once per (event type, version, step name), not per item.
         self._steps: dict[tuple[str, int, str], CompensationStep] = {}
-        self._events: dict[str, TrackedEvent] = {}
+        self._events: dict[str, TrackedEvent] = dict(known_events or {})
         self._wake = asyncio.Event()
         # Set by `wake()`: re-read the ledger at the next turn of the loop. A
         # confirmation tracked in this process only wakes the loop: it is
@@ -481,11 +484,12 @@ class RollbackRun:
         done = [task for task in self._inflight if task.done()]
         if not done:
             return
+        now = self.clock.now()
         outcomes = []
         for task in done:
             self._running_here.discard(self._inflight.pop(task))
-            outcomes.append(task.result())
-        await self.ledger.record_outcomes(outcomes, now=self.clock.now())
+            outcomes.append(self._with_deadline(task.result(), now))
+        await self.ledger.record_outcomes(outcomes, now=now)
         if self.on_outcome is not None:
             for outcome in outcomes:
                 self.on_outcome(outcome)
@@ -597,12 +601,20 @@ class RollbackRun:
             return self._retry_or_fail(item, attempt, str(exc), exc.next_retry_delay)
         except Exception as exc:  # a user handler: any error is retried per policy
             return self._retry_or_fail(item, attempt, f"{type(exc).__name__}: {exc}", None)
-        now = self.clock.now()
-        if step.confirm is None:
-            return Outcome(item.key, S.APPLIED)
-        return Outcome(
-            item.key, S.APPLIED, confirm_deadline=now + timedelta(seconds=step.confirm_timeout)
-        )
+        return Outcome(item.key, S.APPLIED)
+
+    def _with_deadline(self, outcome: Outcome, now: datetime) -> Outcome:
+        """An applied outcome awaiting a confirmation, with its deadline from `now`.
+
+        Set when the batch is collected, not as each handler returns: the
+        outcomes of a batch then share their values, and the ledger writes
+        them as one UPDATE per group instead of one per compensation.
+        """
+        step = self._items[outcome.idempotency_key].step
+        if outcome.state != S.APPLIED or step.confirm is None:
+            return outcome
+        deadline = now + timedelta(seconds=step.confirm_timeout)
+        return dataclasses.replace(outcome, confirm_deadline=deadline)
 
     def _argument(self, step: CompensationStep, event: TrackedEvent) -> Any:
         payload = self.registry.upcast(

@@ -458,43 +458,31 @@ class RollbackStore:
         """Write attempt results in one transaction.
 
         An outcome only lands on a compensation still `running`: a
-        confirmation that overtook the handler's own result wins.
+        confirmation that overtook the handler's own result wins. Outcomes
+        with the same values (a batch of applied compensations) are written
+        as one `UPDATE ... WHERE key IN (...)`: per-row parameter sets cost
+        ~5 µs each in SQLAlchemy alone, inside the write transaction.
         """
         if not outcomes:
             return
-        rows = [
-            {
-                "k": o.idempotency_key,
-                "new_state": o.state.value,
-                "err": o.error,
-                "next_at": o.next_attempt_at,
-                "deadline": o.confirm_deadline,
-                "applied": now if o.state in (S.APPLIED, S.CONFIRMED) else None,
-                "tp": o.traceparent,
-            }
-            for o in outcomes
-        ]
-        statement = (
-            update(t.compensations)
-            .where(
-                t.compensations.c.idempotency_key == bindparam("k"),
-                t.compensations.c.state == S.RUNNING,
-            )
-            .values(
-                state=bindparam("new_state"),
-                last_error=bindparam("err"),
-                next_attempt_at=bindparam("next_at"),
-                confirm_deadline=bindparam("deadline"),
-                traceparent=bindparam("tp"),
-                applied_at=func.coalesce(
-                    bindparam("applied", type_=t.compensations.c.applied_at.type),
-                    t.compensations.c.applied_at,
-                ),
-                updated_at=now,
-            )
-        )
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for o in outcomes:
+            values = (o.state, o.error, o.next_attempt_at, o.confirm_deadline, o.traceparent)
+            groups.setdefault(values, []).append(o.idempotency_key)
+        shared = {v: keys for v, keys in groups.items() if len(keys) >= _SHARED_OUTCOME_GROUP}
+        grouped = {key for keys in shared.values() for key in keys}
+        single = [o for o in outcomes if o.idempotency_key not in grouped]
         async with write_transaction(self.engine) as conn:
-            await conn.execute(statement, rows)
+            for (state, error, next_at, deadline, traceparent), keys in shared.items():
+                await _update_keys(
+                    conn,
+                    keys,
+                    _by_key(conn) == S.RUNNING,
+                    returning=False,
+                    **_outcome_values(state, error, next_at, deadline, traceparent, now),
+                )
+            if single:
+                await conn.execute(_outcome_statement(now), [_outcome_row(o, now) for o in single])
 
     async def expire_confirmations(
         self, keys: Sequence[str], *, now: datetime, next_state: CompensationState, error: str
@@ -669,19 +657,92 @@ def _in_plan(rollback_id: str) -> Any:
 
 
 async def _update_keys(
-    conn: AsyncConnection, keys: Sequence[str], condition: Any, **values: Any
+    conn: AsyncConnection,
+    keys: Sequence[str],
+    condition: Any,
+    *,
+    returning: bool = True,
+    **values: Any,
 ) -> list[str]:
-    """Set `values` on those of `keys` that meet `condition` (in chunks); the keys changed."""
+    """Set `values` on those of `keys` that meet `condition` (in chunks).
+
+    Returns:
+        The keys changed (an empty list when `returning` is False).
+    """
     changed: list[str] = []
     for part in chunks(list(keys)):
-        result = await conn.execute(
+        statement = (
             update(t.compensations)
             .where(one_of(conn, t.compensations.c.idempotency_key, part), condition)
             .values(**values)
-            .returning(t.compensations.c.idempotency_key)
         )
+        if not returning:
+            await conn.execute(statement)
+            continue
+        result = await conn.execute(statement.returning(t.compensations.c.idempotency_key))
         changed.extend(result.scalars().all())
     return changed
+
+
+# Outcomes sharing their values in groups of at least this many are written
+# with one UPDATE per group; smaller groups with one parameter set each.
+_SHARED_OUTCOME_GROUP = 8
+
+
+def _outcome_values(
+    state: CompensationState,
+    error: str | None,
+    next_at: datetime | None,
+    deadline: datetime | None,
+    traceparent: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """The columns an outcome writes (as `_outcome_row` does, for a group)."""
+    applied = t.compensations.c.applied_at
+    return {
+        "state": state,
+        "last_error": error,
+        "next_attempt_at": next_at,
+        "confirm_deadline": deadline,
+        "traceparent": traceparent,
+        "applied_at": now if state in (S.APPLIED, S.CONFIRMED) else applied,
+        "updated_at": now,
+    }
+
+
+def _outcome_statement(now: datetime) -> Any:
+    """One UPDATE with a parameter set per outcome (`_outcome_row`)."""
+    return (
+        update(t.compensations)
+        .where(
+            t.compensations.c.idempotency_key == bindparam("k"),
+            t.compensations.c.state == S.RUNNING,
+        )
+        .values(
+            state=bindparam("new_state"),
+            last_error=bindparam("err"),
+            next_attempt_at=bindparam("next_at"),
+            confirm_deadline=bindparam("deadline"),
+            traceparent=bindparam("tp"),
+            applied_at=func.coalesce(
+                bindparam("applied", type_=t.compensations.c.applied_at.type),
+                t.compensations.c.applied_at,
+            ),
+            updated_at=now,
+        )
+    )
+
+
+def _outcome_row(o: Outcome, now: datetime) -> dict[str, Any]:
+    return {
+        "k": o.idempotency_key,
+        "new_state": o.state.value,
+        "err": o.error,
+        "next_at": o.next_attempt_at,
+        "deadline": o.confirm_deadline,
+        "applied": now if o.state in (S.APPLIED, S.CONFIRMED) else None,
+        "tp": o.traceparent,
+    }
 
 
 def _either(states: Sequence[CompensationState]) -> str:

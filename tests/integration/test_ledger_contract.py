@@ -606,6 +606,58 @@ class LedgerContract:
         assert bad.last_error == "PermanentError: order o-1 is gone"
         await ledger.record_outcomes([], now=at(4))  # nothing to write is fine
 
+    async def test_a_batch_of_equal_outcomes_writes_each_running_row(self, ledger: Ledger) -> None:
+        # Twenty applied outcomes sharing their values are written as one
+        # grouped UPDATE, beside outcomes of their own: every running row
+        # gets exactly its own outcome, and rows no longer running none.
+        keys = [f"k{n:02d}" for n in range(20)]
+        await new_rollback(
+            ledger,
+            "rb-1",
+            [item(k, n, confirm="OrderCancelled") for n, k in enumerate(keys)]
+            + [item("retry", 20), item("gone", 21), item("idle", 22)],
+        )
+        await ledger.claim([*keys, "retry", "gone"], now=at(1))
+        await ledger.track(  # k00 confirmed before its handler's result is written
+            [event("conf-0", 1, event_type="OrderCancelled", service="orders", causation="k00")],
+            now=at(1),
+        )
+
+        await ledger.record_outcomes(
+            [Outcome(k, S.APPLIED, confirm_deadline=at(10), traceparent=None) for k in keys]
+            + [
+                Outcome("retry", S.PENDING, error="timeout", next_attempt_at=at(3)),
+                Outcome("gone", S.FAILED, error="permanent error: gone"),
+                Outcome("idle", S.APPLIED, confirm_deadline=at(10)),
+            ],
+            now=at(2),
+        )
+
+        records = {
+            r.idempotency_key: r
+            for r in await ledger.get_compensations([*keys, "retry", "gone", "idle"])
+        }
+        assert records["k00"].state == S.CONFIRMED
+        for key in keys[1:]:
+            assert records[key].state == S.APPLIED
+            assert records[key].confirm_deadline == at(10)
+            assert records[key].last_error is None
+        retry, gone, idle = records["retry"], records["gone"], records["idle"]
+        assert (retry.state, retry.last_error, retry.next_attempt_at) == (
+            S.PENDING,
+            "timeout",
+            at(3),
+        )
+        assert (gone.state, gone.last_error) == (S.FAILED, "permanent error: gone")
+        assert idle.state == S.PENDING  # never claimed: the outcome does not land
+        async with ledger.engine.connect() as conn:
+            applied_at = dict(
+                (await conn.execute(text("SELECT idempotency_key, applied_at FROM compensations")))
+                .tuples()
+                .all()
+            )
+        assert {k for k, when in applied_at.items() if when is not None} == set(keys[1:])
+
     async def test_confirmation_that_arrives_first_wins(self, ledger: Ledger) -> None:
         await new_rollback(ledger, "rb-1", [item("k1", confirm="PaymentRefunded")])
         await ledger.claim(["k1"], now=at(1))
