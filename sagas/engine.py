@@ -20,7 +20,7 @@ from sagas import tracing
 from sagas.clock import Clock, SystemClock
 from sagas.context import CommandSink
 from sagas.errors import LedgerError, PlanningError
-from sagas.executor import FailureSink, RollbackRun, RunResult
+from sagas.executor import FailureSink, KnownPlan, RollbackRun, RunResult
 from sagas.ledger import (
     CompensationState,
     Counts,
@@ -258,7 +258,7 @@ class RollbackEngine:
         quarantine = None
         if not signal.dry_run:
             quarantine = now + timedelta(seconds=self.settings.quarantine_seconds)
-        await self.ledger.save_plan(
+        stored = await self.ledger.save_plan(
             rollback_id,
             plan.new_compensations(),
             manual=[n.as_dict() for n in plan.manual],
@@ -271,16 +271,18 @@ class RollbackEngine:
             await self.ledger.set_deployment_of(rollback_id, radius.deployment_id)
         await self._publish(rollback_id)
         if not signal.dry_run:
-            # The run gets the events the plan was made from: reading them
-            # back from the ledger was ~15% of planning 10,000 events (and
-            # tracked events never change).
-            self._start(rollback_id, known_events={e.event_id: e for e in radius.events})
+            # The run starts from what was just written instead of reading
+            # it back: the events the plan was made from (tracked events never
+            # change) and, when every compensation was new, the plan as
+            # stored (together ~30% of planning 10,000 events).
+            self._start(
+                rollback_id,
+                known=KnownPlan(events={e.event_id: e for e in radius.events}, items=stored),
+            )
 
     # -- runs ------------------------------------------------------------------
 
-    def _start(
-        self, rollback_id: str, *, known_events: dict[str, TrackedEvent] | None = None
-    ) -> None:
+    def _start(self, rollback_id: str, *, known: KnownPlan | None = None) -> None:
         task = self._tasks.get(rollback_id)
         if task is not None and not task.done():
             # The task registers its run only after its first ledger read; a
@@ -293,12 +295,10 @@ class RollbackEngine:
             self._recheck.add(rollback_id)
             return
         self._tasks[rollback_id] = asyncio.create_task(
-            self._drive(rollback_id, known_events), name=f"rollback {rollback_id}"
+            self._drive(rollback_id, known), name=f"rollback {rollback_id}"
         )
 
-    async def _drive(
-        self, rollback_id: str, known_events: dict[str, TrackedEvent] | None = None
-    ) -> None:
+    async def _drive(self, rollback_id: str, known: KnownPlan | None = None) -> None:
         record = await self.ledger.require_rollback(rollback_id)
         run = RollbackRun(
             rollback_id,
@@ -313,7 +313,7 @@ class RollbackEngine:
             on_outcome=self._count_outcome,
             is_paused=lambda: self._is_paused(rollback_id),
             poll_interval=self.settings.poll_interval,
-            known_events=known_events,
+            known=known,
         )
         self._runs[rollback_id] = run
         if rollback_id in self._stopping:  # stop() came while the record was read

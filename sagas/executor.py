@@ -67,6 +67,14 @@ class _Item:
 
 
 @dataclass(frozen=True, slots=True)
+class KnownPlan:
+    """What a run may take as read from the ledger, as its engine just wrote it."""
+
+    events: Mapping[str, TrackedEvent]  # tracked events by id
+    items: list[CompensationRecord] | None = None  # the plan as stored, in order
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
     """How a run of a rollback ended."""
 
@@ -89,8 +97,9 @@ class RollbackRun:
         is_paused: async callable telling whether an operator paused the rollback.
         poll_interval: seconds between checks of the ledger for confirmations
             recorded by other workers and for operator actions.
-        known_events: tracked events by id already in memory (the ones the
-            plan was made from); the run reads only the others from the ledger.
+        known: what the engine just wrote when it planned the rollback (the
+            plan's events, and the plan as stored if every compensation in
+            it was new); the run reads only the rest from the ledger.
     """
 
     def __init__(
@@ -109,7 +118,7 @@ class RollbackRun:
         is_paused: Callable[[], Any] | None = None,
         poll_interval: float = 0.5,
         rng: random.Random | None = None,
-        known_events: Mapping[str, TrackedEvent] | None = None,
+        known: KnownPlan | None = None,
     ) -> None:
         self.rollback_id = rollback_id
         self.deployment_id = deployment_id
@@ -127,7 +136,8 @@ class RollbackRun:
         self._items: dict[str, _Item] = {}
         # Resolved once per (event type, version, step name), not per item.
         self._steps: dict[tuple[str, int, str], CompensationStep] = {}
-        self._events: dict[str, TrackedEvent] = dict(known_events or {})
+        self._events: dict[str, TrackedEvent] = dict(known.events) if known else {}
+        self._stored_plan = list(known.items or []) if known else []
         self._wake = asyncio.Event()
         # Set by `wake()`: re-read the ledger at the next turn of the loop. A
         # confirmation tracked in this process only wakes the loop: it is
@@ -198,7 +208,9 @@ class RollbackRun:
 
     async def _load(self) -> None:
         """Read new plan items (late events) and states changed outside this run."""
-        fresh = await self.ledger.plan_items(self.rollback_id, min_position=self._next_position)
+        fresh, self._stored_plan = self._stored_plan, []
+        after = max((r.position + 1 for r in fresh), default=self._next_position)
+        fresh += await self.ledger.plan_items(self.rollback_id, min_position=after)
         fresh = [r for r in fresh if r.idempotency_key not in self._items]
         missing_events = {r.event_id for r in fresh if r.event_id not in self._events}
         if missing_events:

@@ -228,14 +228,19 @@ class RollbackStore:
         state: str,
         now: datetime,
         quarantine_until: datetime | None = None,
-    ) -> None:
+    ) -> list[CompensationRecord] | None:
         """Store a plan and move the rollback to `state`, in one transaction.
 
         Compensations already known (from an earlier rollback of the same
         events) keep their state: done work is never redone.
+
+        Returns:
+            The plan as stored, in plan order, when every compensation in it
+            was new (so the ledger holds exactly what was planned: a run can
+            start from it without reading it back); None otherwise.
         """
         async with write_transaction(self.engine) as conn:
-            await self._insert_items(conn, rollback_id, items, now)
+            inserted = await self._insert_items(conn, rollback_id, items, now)
             await conn.execute(
                 update(t.rollbacks)
                 .where(t.rollbacks.c.rollback_id == rollback_id)
@@ -248,6 +253,9 @@ class RollbackStore:
                     finished_at=now if state == "planned" else None,
                 )
             )
+        if inserted != len(items):
+            return None
+        return [_as_stored(item) for item in sorted(items, key=lambda i: i.position)]
 
     async def add_items(
         self, rollback_id: str, items: Sequence[NewCompensation], *, now: datetime
@@ -282,7 +290,12 @@ class RollbackStore:
 
     async def _insert_items(
         self, conn: Any, rollback_id: str, items: Sequence[NewCompensation], now: datetime
-    ) -> None:
+    ) -> int:
+        """Insert a plan's compensations (known keys are kept) and items.
+
+        Returns:
+            How many compensations were new.
+        """
         compensation_rows = [
             {
                 "idempotency_key": i.idempotency_key,
@@ -310,10 +323,18 @@ class RollbackStore:
             }
             for i in items
         ]
+        inserted = 0
+        statement = insert_ignoring_duplicates(conn, t.compensations, ["idempotency_key"])
         for part in chunks(compensation_rows):
-            await conn.execute(
-                insert_ignoring_duplicates(conn, t.compensations, ["idempotency_key"]), list(part)
-            )
+            if conn.dialect.name == "sqlite":
+                # SQLite counts the rows an executemany inserted.
+                inserted += (await conn.execute(statement, list(part))).rowcount
+            else:
+                # asyncpg reports no row count for an executemany.
+                result = await conn.execute(
+                    statement.returning(t.compensations.c.idempotency_key), list(part)
+                )
+                inserted += len(result.scalars().all())
         # A new plan covering a compensation that failed before is the
         # operator asking again: it gets a fresh attempt budget. Done work
         # (applied/confirmed/skipped) is never touched.
@@ -333,6 +354,7 @@ class RollbackStore:
                 ),
                 list(part),
             )
+        return inserted
 
     async def plan_items(
         self, rollback_id: str, *, min_position: int = 0
@@ -444,15 +466,7 @@ class RollbackStore:
             that is done already, is left out.
         """
         async with write_transaction(self.engine) as conn:
-            return await _update_keys(
-                conn,
-                keys,
-                _by_key(conn) == S.PENDING,
-                state=S.RUNNING,
-                attempts=t.compensations.c.attempts + 1,
-                claimed_by=rollback_id,
-                updated_at=now,
-            )
+            return await _claim(conn, keys, now, rollback_id)
 
     async def record_outcomes(self, outcomes: Sequence[Outcome], *, now: datetime) -> None:
         """Write attempt results in one transaction.
@@ -644,6 +658,29 @@ class RollbackStore:
             return [dict(r._mapping) for r in result.all()]
 
 
+def _as_stored(item: NewCompensation) -> CompensationRecord:
+    """A compensation just inserted, as `plan_items` would read it back."""
+    return CompensationRecord(
+        idempotency_key=item.idempotency_key,
+        event_id=item.event_id,
+        saga=item.saga,
+        step=item.step,
+        event_type=item.event_type,
+        target_version=item.target_version,
+        correlation_id=item.correlation_id,
+        state=S.PENDING,
+        attempts=0,
+        last_error=None,
+        confirm_type=item.confirm_type,
+        confirm_deadline=None,
+        next_attempt_at=None,
+        skip_reason=None,
+        position=item.position,
+        depends_on=tuple(item.depends_on),
+        late=item.late,
+    )
+
+
 def _is_key(key: str) -> Any:
     return t.compensations.c.idempotency_key == key
 
@@ -682,6 +719,21 @@ async def _update_keys(
         result = await conn.execute(statement.returning(t.compensations.c.idempotency_key))
         changed.extend(result.scalars().all())
     return changed
+
+
+async def _claim(
+    conn: AsyncConnection, keys: Sequence[str], now: datetime, rollback_id: str | None
+) -> list[str]:
+    """pending → running, attempts + 1, for those of `keys` still pending; the keys claimed."""
+    return await _update_keys(
+        conn,
+        keys,
+        _by_key(conn) == S.PENDING,
+        state=S.RUNNING,
+        attempts=t.compensations.c.attempts + 1,
+        claimed_by=rollback_id,
+        updated_at=now,
+    )
 
 
 # Outcomes sharing their values in groups of at least this many are written

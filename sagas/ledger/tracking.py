@@ -157,9 +157,13 @@ class EventStore:
         new_ids: set[str] = set()
         confirmed: list[str] = []
         plain_insert = self.engine.dialect.name == "sqlite" and not returning
-        # Read before taking the write lock: the executor's claims and
-        # outcomes wait on it, and a racing writer is caught by the insert.
+        # Read before taking the write lock (the executor's claims and
+        # outcomes wait on it): which events are stored already (a writer
+        # racing us is caught by the insert), and which compensations the
+        # batch may confirm (their confirmation type never changes; their
+        # state is checked again by the UPDATE).
         stored = await self._stored_event_ids(list(unique)) if plain_insert else set()
+        waiting = await self._confirmation_types(unique.values())
         async with write_transaction(self.engine) as conn:
             if plain_insert:
                 new_ids = await _insert_new_sqlite(conn, rows, stored)
@@ -174,7 +178,7 @@ class EventStore:
                     new_ids.update(result.scalars().all())
             new_events = [unique[i] for i in unique if i in new_ids]
             await self._record_deployments(conn, new_events, now)
-            confirmed = await self._confirm(conn, new_events, now)
+            confirmed = await _confirm(conn, new_events, waiting, now)
             if offsets:
                 await _store_offsets(conn, offsets)
         return TrackResult(
@@ -214,41 +218,22 @@ class EventStore:
             ordered = sorted(spans.values(), key=lambda s: s["deployment_id"])
             await conn.execute(upsert_deployment(conn), ordered)
 
-    async def _confirm(
-        self, conn: AsyncConnection, new_events: Sequence[TrackedEvent], now: datetime
-    ) -> list[str]:
-        candidates = [e for e in new_events if e.causation_id]
-        if not candidates:
-            return []
-        keys = sorted({str(e.causation_id) for e in candidates})
+    async def _confirmation_types(self, events: Iterable[TrackedEvent]) -> dict[str, str | None]:
+        """Confirmation type by key, of the confirmable compensations `events` were caused by."""
+        keys = sorted({str(e.causation_id) for e in events if e.causation_id})
         waiting: dict[str, str | None] = {}
-        for part in chunks(keys, LOOKUP_CHUNK):
-            result = await conn.execute(
-                select(t.compensations.c.idempotency_key, t.compensations.c.confirm_type).where(
-                    one_of(conn, t.compensations.c.idempotency_key, part),
-                    t.compensations.c.state.in_(_CONFIRMABLE),
+        if not keys:
+            return waiting
+        c = t.compensations.c
+        async with self.engine.connect() as conn:
+            for part in chunks(keys, LOOKUP_CHUNK):
+                result = await conn.execute(
+                    select(c.idempotency_key, c.confirm_type).where(
+                        one_of(conn, c.idempotency_key, part), c.state.in_(_CONFIRMABLE)
+                    )
                 )
-            )
-            waiting.update(dict(result.all()))
-        confirmed = sorted(
-            {
-                str(e.causation_id)
-                for e in candidates
-                if e.causation_id in waiting and waiting[e.causation_id] == e.event_type
-            }
-        )
-        for part in chunks(confirmed, LOOKUP_CHUNK):
-            # Re-checked in the UPDATE: an operator skip between the SELECT and
-            # here must not be overwritten.
-            await conn.execute(
-                update(t.compensations)
-                .where(
-                    one_of(conn, t.compensations.c.idempotency_key, part),
-                    t.compensations.c.state.in_(_CONFIRMABLE),
-                )
-                .values(state=CompensationState.CONFIRMED, confirmed_at=now, updated_at=now)
-            )
-        return confirmed
+                waiting.update(dict(result.all()))
+        return waiting
 
     async def get_event(self, event_id: str) -> TrackedEvent | None:
         """One tracked event, or None."""
@@ -374,6 +359,37 @@ class EventStore:
                 ).where(t.tracked_offsets.c.group_id == group_id)
             )
             return {(topic, partition): offset for topic, partition, offset in result.all()}
+
+
+async def _confirm(
+    conn: AsyncConnection,
+    new_events: Sequence[TrackedEvent],
+    waiting: dict[str, str | None],
+    now: datetime,
+) -> list[str]:
+    """Confirm the compensations in `waiting` that a new event of their type answers."""
+    matching = sorted(
+        {
+            str(e.causation_id)
+            for e in new_events
+            if e.causation_id in waiting and waiting[e.causation_id] == e.event_type
+        }
+    )
+    confirmed: list[str] = []
+    for part in chunks(matching, LOOKUP_CHUNK):
+        # The state is checked again here: an operator's skip since the read
+        # must not be overwritten, and only what changed is reported.
+        result = await conn.execute(
+            update(t.compensations)
+            .where(
+                one_of(conn, t.compensations.c.idempotency_key, part),
+                t.compensations.c.state.in_(_CONFIRMABLE),
+            )
+            .values(state=CompensationState.CONFIRMED, confirmed_at=now, updated_at=now)
+            .returning(t.compensations.c.idempotency_key)
+        )
+        confirmed.extend(result.scalars().all())
+    return sorted(confirmed)
 
 
 class _Raced(Exception):

@@ -449,7 +449,7 @@ class LedgerContract:
         uncovered = [{"kind": "uncovered", "event_id": "u1", "reason": "no saga"}]
         await add_rollback(ledger, "rb-1", state="planning")
 
-        await ledger.save_plan(
+        stored = await ledger.save_plan(
             "rb-1",
             [
                 item("k2", 1, confirm="OrderCancelled", depends_on=["k1", "k0"]),
@@ -464,6 +464,7 @@ class LedgerContract:
         )
 
         plan = await ledger.plan_items("rb-1")
+        assert stored == plan  # every key was new: the plan as stored, without reading it
         assert [p.idempotency_key for p in plan] == ["k1", "k2", "k3"]
         assert {p.state for p in plan} == {S.PENDING}
         assert {p.attempts for p in plan} == {0}
@@ -493,8 +494,12 @@ class LedgerContract:
         assert await ledger.claim(["k1"], now=at(1)) == ["k1"]
         await ledger.record_outcomes([Outcome("k1", S.APPLIED)], now=at(2))
 
-        await new_rollback(ledger, "rb-2", [item("k1", 5), item("k3", 6)])
+        await add_rollback(ledger, "rb-2", state="planning")
+        stored = await ledger.save_plan(
+            "rb-2", [item("k1", 5), item("k3", 6)], manual=[], uncovered=[], state="running", now=T0
+        )
 
+        assert stored is None  # k1 was known: only the ledger knows its state
         plan = {p.idempotency_key: p for p in await ledger.plan_items("rb-2")}
         assert set(plan) == {"k1", "k3"}
         assert plan["k1"].state == S.APPLIED
@@ -651,11 +656,8 @@ class LedgerContract:
         assert (gone.state, gone.last_error) == (S.FAILED, "permanent error: gone")
         assert idle.state == S.PENDING  # never claimed: the outcome does not land
         async with ledger.engine.connect() as conn:
-            applied_at = dict(
-                (await conn.execute(text("SELECT idempotency_key, applied_at FROM compensations")))
-                .tuples()
-                .all()
-            )
+            rows = await conn.execute(text("SELECT idempotency_key, applied_at FROM compensations"))
+            applied_at = dict(rows.all())
         assert {k for k, when in applied_at.items() if when is not None} == set(keys[1:])
 
     async def test_confirmation_that_arrives_first_wins(self, ledger: Ledger) -> None:
