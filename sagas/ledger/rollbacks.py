@@ -811,7 +811,10 @@ def _by_key(conn: AsyncConnection) -> Any:
     plan for each claim (measured: a 100,000-compensation rollback 4 times
     slower per compensation than a 10,000 one). `state || ''` is the same
     value without the index, so the primary key serves the lookup.
-    PostgreSQL plans by statistics and gets the plain column.
+    PostgreSQL gets the plain column: it ANDs the `state` index with the
+    primary key there (a scan of 30,000 index entries at 10,000
+    compensations), yet with the expression instead a 100,000-event
+    rollback took 122 s rather than ~64 s (one run).
     """
     state = t.compensations.c.state
     return state.concat("") if conn.dialect.name == "sqlite" else state

@@ -157,13 +157,18 @@ class EventStore:
         new_ids: set[str] = set()
         confirmed: list[str] = []
         plain_insert = self.engine.dialect.name == "sqlite" and not returning
-        # Read before taking the write lock (the executor's claims and
-        # outcomes wait on it): which events are stored already (a writer
-        # racing us is caught by the insert), and which compensations the
-        # batch may confirm (their confirmation type never changes; their
-        # state is checked again by the UPDATE).
-        stored = await self._stored_event_ids(list(unique)) if plain_insert else set()
-        waiting = await self._confirmation_types(unique.values())
+        stored: set[str] = set()
+        waiting: dict[str, str | None] | None = None
+        if self.engine.dialect.name == "sqlite":
+            # Read before taking this process's write lock (the executor's
+            # claims and outcomes wait on it): which events are stored already
+            # (a writer racing us is caught by the insert) and which
+            # compensations the batch may confirm (their confirmation type
+            # never changes; their state is checked again by the UPDATE).
+            async with self.engine.connect() as reader:
+                if plain_insert:
+                    stored = await _stored_event_ids(reader, list(unique))
+                waiting = await _confirmation_types(reader, unique.values())
         async with write_transaction(self.engine) as conn:
             if plain_insert:
                 new_ids = await _insert_new_sqlite(conn, rows, stored)
@@ -178,22 +183,14 @@ class EventStore:
                     new_ids.update(result.scalars().all())
             new_events = [unique[i] for i in unique if i in new_ids]
             await self._record_deployments(conn, new_events, now)
+            if waiting is None:  # PostgreSQL: no lock to keep short, one connection fewer
+                waiting = await _confirmation_types(conn, new_events)
             confirmed = await _confirm(conn, new_events, waiting, now)
             if offsets:
                 await _store_offsets(conn, offsets)
         return TrackResult(
             new_events=new_events, duplicates=len(batch) - len(new_events), confirmed_keys=confirmed
         )
-
-    async def _stored_event_ids(self, ids: Sequence[str]) -> set[str]:
-        """Which of `ids` the ledger holds already."""
-        stored: set[str] = set()
-        query = select(t.events.c.event_id)
-        async with self.engine.connect() as conn:
-            for part in chunks(ids, LOOKUP_CHUNK):
-                result = await conn.execute(query.where(one_of(conn, t.events.c.event_id, part)))
-                stored.update(result.scalars().all())
-        return stored
 
     async def _record_deployments(
         self, conn: AsyncConnection, new_events: Sequence[TrackedEvent], now: datetime
@@ -217,23 +214,6 @@ class EventStore:
             # One statement, many parameter sets (one round trip), in id order.
             ordered = sorted(spans.values(), key=lambda s: s["deployment_id"])
             await conn.execute(upsert_deployment(conn), ordered)
-
-    async def _confirmation_types(self, events: Iterable[TrackedEvent]) -> dict[str, str | None]:
-        """Confirmation type by key, of the confirmable compensations `events` were caused by."""
-        keys = sorted({str(e.causation_id) for e in events if e.causation_id})
-        waiting: dict[str, str | None] = {}
-        if not keys:
-            return waiting
-        c = t.compensations.c
-        async with self.engine.connect() as conn:
-            for part in chunks(keys, LOOKUP_CHUNK):
-                result = await conn.execute(
-                    select(c.idempotency_key, c.confirm_type).where(
-                        one_of(conn, c.idempotency_key, part), c.state.in_(_CONFIRMABLE)
-                    )
-                )
-                waiting.update(dict(result.all()))
-        return waiting
 
     async def get_event(self, event_id: str) -> TrackedEvent | None:
         """One tracked event, or None."""
@@ -359,6 +339,34 @@ class EventStore:
                 ).where(t.tracked_offsets.c.group_id == group_id)
             )
             return {(topic, partition): offset for topic, partition, offset in result.all()}
+
+
+async def _stored_event_ids(conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
+    """Which of `ids` the ledger holds already."""
+    stored: set[str] = set()
+    query = select(t.events.c.event_id)
+    for part in chunks(ids, LOOKUP_CHUNK):
+        result = await conn.execute(query.where(one_of(conn, t.events.c.event_id, part)))
+        stored.update(result.scalars().all())
+    return stored
+
+
+async def _confirmation_types(
+    conn: AsyncConnection, events: Iterable[TrackedEvent]
+) -> dict[str, str | None]:
+    """Confirmation type by key, of the compensations `events` were caused by.
+
+    By key alone (see `state_by_key`): the UPDATE that confirms checks the state.
+    """
+    keys = sorted({str(e.causation_id) for e in events if e.causation_id})
+    waiting: dict[str, str | None] = {}
+    c = t.compensations.c
+    for part in chunks(keys, LOOKUP_CHUNK):
+        result = await conn.execute(
+            select(c.idempotency_key, c.confirm_type).where(one_of(conn, c.idempotency_key, part))
+        )
+        waiting.update(dict(result.all()))
+    return waiting
 
 
 async def _confirm(
