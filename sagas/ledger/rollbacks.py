@@ -26,6 +26,8 @@ from sagas.ledger.records import (
 from sagas.ledger.tracking import chunks, one_of, write_transaction
 
 S = CompensationState
+# Plans of at least this many compensations refresh PostgreSQL's statistics.
+ANALYZE_AFTER_PLAN = 1000
 ACTIVE_ROLLBACK_STATES = ("accepted", "planning", "running", "paused")
 _Columns = TypeVarTuple("_Columns")
 
@@ -253,9 +255,25 @@ class RollbackStore:
                     finished_at=now if state == "planned" else None,
                 )
             )
+        if len(items) >= ANALYZE_AFTER_PLAN and self.engine.dialect.name == "postgresql":
+            await self._analyze_plan_tables()
         if inserted != len(items):
             return None
         return [_as_stored(item) for item in sorted(items, key=lambda i: i.position)]
+
+    async def _analyze_plan_tables(self) -> None:
+        """Refresh PostgreSQL's statistics of the tables a large plan just grew.
+
+        Without them the planner believes a few rows are pending and, for
+        every claim, outcome and confirmation (`key = ANY(...) AND state =
+        ...`), ANDs a scan of the whole `state` index with the primary key's;
+        autovacuum analyzes only later. Measured, 100,000 events: the
+        rollback took 61-65 s without this and 24 s with it. ANALYZE reads a
+        fixed-size sample, so it costs the same on a large ledger.
+        """
+        async with self.engine.begin() as conn:
+            await conn.exec_driver_sql("ANALYZE compensations")
+            await conn.exec_driver_sql("ANALYZE rollback_items")
 
     async def add_items(
         self, rollback_id: str, items: Sequence[NewCompensation], *, now: datetime

@@ -25,6 +25,7 @@ from sagas.ledger import (
     TrackedEvent,
     TrackedOffset,
 )
+from sagas.ledger.rollbacks import ANALYZE_AFTER_PLAN
 
 S = CompensationState
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -480,6 +481,34 @@ class LedgerContract:
         assert record.quarantine_until == at(60)
         assert record.updated_at == at(1)
         assert record.finished_at is None
+
+    async def test_a_large_plan_refreshes_postgresql_statistics_only(self, ledger: Ledger) -> None:
+        # PostgreSQL plans a rollback's statements by statistics, which a
+        # fresh plan makes stale; SQLite's plans are kept as they are (its
+        # queries are written for a ledger without statistics).
+        await add_rollback(ledger, "rb-big", state="planning")
+        size = ANALYZE_AFTER_PLAN
+        await ledger.save_plan(
+            "rb-big",
+            [item(f"k{n:05d}", n) for n in range(size)],
+            manual=[],
+            uncovered=[],
+            state="running",
+            now=T0,
+        )
+
+        async with ledger.engine.connect() as conn:
+            if ledger.engine.dialect.name == "postgresql":
+                estimated = await conn.exec_driver_sql(
+                    "SELECT relname, reltuples FROM pg_class"
+                    " WHERE relname IN ('compensations', 'rollback_items')"
+                )
+                assert dict(estimated.all()) == {"compensations": size, "rollback_items": size}
+            else:
+                stats = await conn.exec_driver_sql(
+                    "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"
+                )
+                assert stats.scalar() == 0
 
     async def test_dry_run_plan_is_finished(self, ledger: Ledger) -> None:
         await new_rollback(ledger, "rb-dry", [item("k1")], state="planned")
