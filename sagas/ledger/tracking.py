@@ -356,7 +356,8 @@ async def _confirmation_types(
 ) -> dict[str, str | None]:
     """Confirmation type by key, of the compensations `events` were caused by.
 
-    By key alone (see `state_by_key`): the UPDATE that confirms checks the state.
+    By key alone: the UPDATE that confirms checks the state, and with the
+    state here as well PostgreSQL also scanned the whole `state` index.
     """
     keys = sorted({str(e.causation_id) for e in events if e.causation_id})
     waiting: dict[str, str | None] = {}
