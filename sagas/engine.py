@@ -421,7 +421,7 @@ class RollbackEngine:
         self._last_tick[rollback_id] = now
         if self.status is None:
             return
-        status = await self.status_of(rollback_id)
+        status = await self.status_of(rollback_id, self._runs.get(rollback_id))
         fingerprint = status.model_dump(exclude={"updated_at"})
         sent_at = self._last_sent_at.get(rollback_id)
         heartbeat = (
@@ -677,10 +677,18 @@ class RollbackEngine:
 
     # -- status ------------------------------------------------------------------------
 
-    async def status_of(self, rollback_id: str) -> RollbackStatus:
-        """The current status record of a rollback."""
+    async def status_of(self, rollback_id: str, run: RollbackRun | None = None) -> RollbackStatus:
+        """The current status record of a rollback.
+
+        Counts come from the ledger, or from `run` while it runs (its view
+        lags the ledger by at most one poll; a final status is always counted
+        in the ledger).
+        """
         record = await self.ledger.require_rollback(rollback_id)
-        counts = await self.ledger.counts(rollback_id)
+        if run is not None:
+            counts = run.counts(manual=len(record.manual), uncovered=len(record.uncovered))
+        else:
+            counts = await self.ledger.counts(rollback_id)
         return rollback_status(record, counts, updated_at=self.clock.now())
 
     async def _publish(self, rollback_id: str) -> None:

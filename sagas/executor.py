@@ -14,6 +14,7 @@ import dataclasses
 import heapq
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ from sagas.errors import CompensationError, PermanentError, UpcastError
 from sagas.ledger import (
     DONE_STATES,
     CompensationRecord,
+    Counts,
     Ledger,
     Outcome,
     TrackedEvent,
@@ -156,6 +158,10 @@ class RollbackRun:
         # Items still to be finished or confirmed (pending, running, applied
         # awaiting a confirmation): the run ends when none is left.
         self._open = 0
+        # Plan items by state, and late ones: progress without a ledger query
+        # (counting a 100,000-item plan in the ledger took ~180 ms).
+        self._by_state: Counter[S] = Counter()
+        self._late = 0
         # (deadline, key) of retries and confirmation timeouts; may hold stale
         # entries, checked against the item when popped.
         self._deadlines: list[tuple[datetime, str]] = []
@@ -193,6 +199,12 @@ class RollbackRun:
                 hit = True
         if hit:
             self._wake.set()
+
+    def counts(self, *, manual: int, uncovered: int) -> Counts:
+        """The plan's counts as this run knows them (the ledger's, as of its last poll)."""
+        return Counts.from_states(
+            self._by_state, late=self._late, manual=manual, uncovered=uncovered
+        )
 
     async def run(self) -> RunResult:
         """Run until nothing is left to do now; see `RunResult`."""
@@ -232,6 +244,8 @@ class RollbackRun:
                     self._items[dependency].dependents.append(item.key)
         for record in fresh:
             item = self._items[record.idempotency_key]
+            self._by_state[item.state] += 1
+            self._late += record.late
             self._index(item)
             self._open += _is_open(item, item.state)
             self._track_deadline(item)
@@ -314,6 +328,8 @@ class RollbackRun:
         if before == state:
             return
         self._open += _is_open(item, state) - _is_open(item, before)
+        self._by_state[before] -= 1
+        self._by_state[state] += 1
         item.state = state
         if S.FAILED in (before, state) or S.BLOCKED in (before, state):
             self._blocking_changed = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -240,3 +241,24 @@ class Counts:
     pending: int = 0
     running: int = 0
     blocked: int = 0
+
+    @classmethod
+    def from_states(
+        cls, by_state: Mapping[CompensationState, int], *, late: int, manual: int, uncovered: int
+    ) -> Counts:
+        """Counts from the number of plan items in each state."""
+        confirmed = by_state.get(CompensationState.CONFIRMED, 0)
+        return cls(
+            planned=sum(by_state.values()),
+            # `applied` counts every handler that succeeded, confirmed or not.
+            applied=by_state.get(CompensationState.APPLIED, 0) + confirmed,
+            confirmed=confirmed,
+            failed=by_state.get(CompensationState.FAILED, 0),
+            skipped=by_state.get(CompensationState.SKIPPED, 0),
+            manual=manual,
+            uncovered=uncovered,
+            late=late,
+            pending=by_state.get(CompensationState.PENDING, 0),
+            running=by_state.get(CompensationState.RUNNING, 0),
+            blocked=by_state.get(CompensationState.BLOCKED, 0),
+        )

@@ -628,25 +628,16 @@ class RollbackStore:
                     )
                 )
             ).first()
-        by_state: dict[str, int] = {}
+        by_state: dict[S, int] = {}
         late = 0
         for state, is_late, count in rows:
-            by_state[state] = by_state.get(state, 0) + count
+            by_state[S(state)] = by_state.get(S(state), 0) + count
             late += count if is_late else 0
-        confirmed = by_state.get(S.CONFIRMED, 0)
-        return Counts(
-            planned=sum(by_state.values()),
-            # `applied` counts every handler that succeeded, confirmed or not.
-            applied=by_state.get(S.APPLIED, 0) + confirmed,
-            confirmed=confirmed,
-            failed=by_state.get(S.FAILED, 0),
-            skipped=by_state.get(S.SKIPPED, 0),
+        return Counts.from_states(
+            by_state,
+            late=late,
             manual=len(rollback.manual or []) if rollback else 0,
             uncovered=len(rollback.uncovered or []) if rollback else 0,
-            late=late,
-            pending=by_state.get(S.PENDING, 0),
-            running=by_state.get(S.RUNNING, 0),
-            blocked=by_state.get(S.BLOCKED, 0),
         )
 
     async def _first(self, query: Any) -> Row[Any] | None:

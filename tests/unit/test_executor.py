@@ -23,7 +23,7 @@ from sagas.context import CompensationContext, SentCommand
 from sagas.definition import Saga
 from sagas.engine import EngineSettings
 from sagas.errors import CompensationError, LedgerError, PermanentError
-from sagas.ledger import CompensationState, RollbackRecord
+from sagas.ledger import CompensationState, Counts, RollbackRecord
 from sagas.planner import idempotency_key
 from sagas.retry import RetryPolicy
 from sagas.testing import SagaTestHarness
@@ -928,6 +928,41 @@ class TestSignals:
             final = shop.h.statuses.records[-1]
             assert (final.planned, final.applied, final.error) == (3, 3, None)
             assert final.deployment_id == DEPLOYMENT
+
+    async def test_progress_counts_of_a_run_are_the_ledger_counts(self) -> None:
+        # Progress records count the plan from the run's memory (counting a
+        # large plan in the ledger is slow); they must say what the ledger says.
+        async with Shop(confirm_payment=True) as shop:
+            _, bad_payment, _ = await shop.checkout("c-bad")
+            good_order, good_payment, _ = await shop.checkout("c-good")
+            await shop.h.emit(shop.event("ReceiptEmailed", correlation_id="c-good"))
+            shop.script[bad_payment.event_id] = [PermanentError("refund refused")]
+            shop.gates[good_order.event_id] = asyncio.Event()
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+
+            async def run_counts_then_ledger_counts() -> tuple[Counts, Counts]:
+                run = shop.h.engine._runs[record.rollback_id]
+                latest = await shop.h.ledger.require_rollback(record.rollback_id)
+                ours = run.counts(manual=len(latest.manual), uncovered=len(latest.uncovered))
+                return ours, await shop.h.ledger.counts(record.rollback_id)
+
+            # Stock undone, one refund failed (its order blocked), one awaiting its confirmation.
+            await shop.until_state(bad_payment, S.FAILED)
+            await shop.until_state(good_payment, S.APPLIED)
+            ours, ledger = await run_counts_then_ledger_counts()
+            assert ours == ledger
+            assert (ledger.planned, ledger.applied, ledger.failed, ledger.manual) == (6, 3, 1, 1)
+            assert (ledger.blocked, ledger.pending, ledger.confirmed) == (1, 1, 0)
+
+            # Confirmed: the good order's handler runs (held in it by the gate).
+            await shop.h.confirm(shop.sent_for(good_payment)[0], "PaymentRefunded")
+            await shop.until_state(good_order, S.RUNNING)
+            ours, ledger = await run_counts_then_ledger_counts()
+            assert ours == ledger
+            assert (ledger.confirmed, ledger.running, ledger.pending) == (1, 1, 0)
+
+            shop.gates[good_order.event_id].set()
+            assert (await shop.h.settle(record.rollback_id)).state == RollbackState.FAILED
 
     async def test_status_sequence_with_manual_actions_ends_with_warnings(self) -> None:
         async with Shop() as shop:
