@@ -28,6 +28,7 @@ from sagas.ledger.records import (
 )
 from sagas.ledger.rollbacks import RollbackStore
 from sagas.ledger.tracking import EventStore
+from sagas.ledger.writer import LedgerWriter
 
 
 class Ledger(EventStore, RollbackStore):
@@ -40,6 +41,7 @@ class Ledger(EventStore, RollbackStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_engine(url)
+        self.writer = LedgerWriter(url, self.engine)
 
     @classmethod
     async def open(cls, url: str, *, migrate_schema: bool = True) -> Ledger:
@@ -56,6 +58,7 @@ class Ledger(EventStore, RollbackStore):
 
     async def close(self) -> None:
         """Release every connection."""
+        await self.writer.close()
         await self.engine.dispose()
 
 

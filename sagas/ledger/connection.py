@@ -17,6 +17,10 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 MIGRATION_LOCK_KEY = 0x6261636B6F7574
 
 
+# Seconds a SQLite connection waits for another process's write lock.
+SQLITE_BUSY_TIMEOUT = 30
+
+
 def create_engine(url: str) -> AsyncEngine:
     """An async engine for `url`, tuned for the ledger's access pattern.
 
@@ -25,17 +29,18 @@ def create_engine(url: str) -> AsyncEngine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Settings of every SQLite connection (a `connect` event listener)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
 
 
 def _upgrade(connection: Connection) -> None:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.expression import func
 
 from sagas.ledger import tables as t
 
+# What a statement is built for: anything that knows its dialect.
+Bound = Connection | AsyncConnection | AsyncEngine
 
-def _insert(conn: AsyncConnection, table: Table) -> Any:
+
+def _insert(conn: Bound, table: Table) -> Any:
     if conn.dialect.name == "postgresql":
         return postgresql.insert(table)
     if conn.dialect.name == "sqlite":
@@ -20,12 +26,12 @@ def _insert(conn: AsyncConnection, table: Table) -> Any:
     raise NotImplementedError(f"the ledger supports SQLite and PostgreSQL, not {conn.dialect.name}")
 
 
-def insert_ignoring_duplicates(conn: AsyncConnection, table: Table, keys: list[str]) -> Any:
+def insert_ignoring_duplicates(conn: Bound, table: Table, keys: list[str]) -> Any:
     """INSERT ... ON CONFLICT (keys) DO NOTHING, on either backend."""
     return _insert(conn, table).on_conflict_do_nothing(index_elements=keys)
 
 
-def upsert_deployment(conn: AsyncConnection) -> Any:
+def upsert_deployment(conn: Bound) -> Any:
     """Insert a deployment or widen its [first, last] event window."""
     statement = _insert(conn, t.deployments)
     least = func.min if conn.dialect.name == "sqlite" else func.least
@@ -43,7 +49,7 @@ def upsert_deployment(conn: AsyncConnection) -> Any:
     )
 
 
-def upsert_offset(conn: AsyncConnection) -> Any:
+def upsert_offset(conn: Bound) -> Any:
     """Insert or move forward a (group, topic, partition) offset."""
     statement = _insert(conn, t.tracked_offsets)
     greatest = func.max if conn.dialect.name == "sqlite" else func.greatest
@@ -51,3 +57,61 @@ def upsert_offset(conn: AsyncConnection) -> Any:
         index_elements=["group_id", "topic", "partition"],
         set_={"offset": greatest(t.tracked_offsets.c.offset, statement.excluded.offset)},
     )
+
+
+@dataclass(frozen=True)
+class PreparedInsert:
+    """An INSERT ... ON CONFLICT DO NOTHING compiled once, fed ready-made rows.
+
+    SQLAlchemy converts each value (datetimes to text, JSON to a string) as
+    it executes, inside the transaction; rows converted beforehand with the
+    same column types let the transaction hold SQLite's write lock only for
+    SQLite's own work (a tracker batch of 1,024 events: ~20 ms of Python).
+    """
+
+    sql: str
+    columns: tuple[str, ...]
+    converters: tuple[Callable[[Any], Any] | None, ...]
+
+    @classmethod
+    def of(
+        cls, bound: Bound, table: Table, keys: list[str], columns: Sequence[str] | None = None
+    ) -> PreparedInsert:
+        """The statement for `columns` of `table` (default: all), on `bound`'s dialect."""
+        statement = insert_ignoring_duplicates(bound, table, keys)
+        names = list(columns) if columns is not None else [c.name for c in table.c]
+        compiled = statement.compile(dialect=bound.dialect, column_keys=names)
+        columns = tuple(compiled.positiontup or ())
+        dialect = bound.dialect
+        converters = tuple(
+            table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
+        )
+        return cls(str(compiled), columns, converters)
+
+    def rows(self, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """`rows` as the driver's parameter tuples, in the statement's order."""
+        pairs = list(zip(self.columns, self.converters, strict=True))
+        return [
+            tuple(row[name] if convert is None else convert(row[name]) for name, convert in pairs)
+            for row in rows
+        ]
+
+
+def state_beside_keys(conn: Bound) -> Any:
+    """`compensations.state` for a WHERE that also names the keys.
+
+    SQLite has no statistics on a fresh ledger and, for `key IN (...) AND
+    state = ?`, prefers the `state` index, walking every pending row of every
+    plan for each claim (measured: a 100,000-compensation rollback 4 times
+    slower per compensation than a 10,000 one). `state || ''` is the same
+    value without the index, so the primary key serves the lookup.
+    PostgreSQL gets the plain column: it ANDs the `state` index with the
+    primary key there (a scan of 30,000 index entries at 10,000
+    compensations), yet with the expression instead a 100,000-event
+    rollback took 122 s rather than ~64 s (one run). The tracker's
+    confirmations use it too: with the plain column, SQLite took ~38 ms to
+    confirm 1,024 compensations of a 100,000-compensation plan, with the
+    expression ~7 ms.
+    """
+    state = t.compensations.c.state
+    return state.concat("") if conn.dialect.name == "sqlite" else state

@@ -7,13 +7,13 @@ from datetime import datetime
 from typing import Any, TypeVarTuple
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
-from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Select
 
 from sagas.errors import LedgerError
 from sagas.ledger import tables as t
-from sagas.ledger.dialect import insert_ignoring_duplicates
+from sagas.ledger.dialect import PreparedInsert, insert_ignoring_duplicates, state_beside_keys
 from sagas.ledger.records import (
     CompensationRecord,
     CompensationState,
@@ -23,7 +23,8 @@ from sagas.ledger.records import (
     RollbackRecord,
     as_utc,
 )
-from sagas.ledger.tracking import chunks, one_of, write_transaction
+from sagas.ledger.tracking import LOOKUP_CHUNK, chunks, one_of, write_transaction
+from sagas.ledger.writer import LedgerWriter
 
 S = CompensationState
 # Plans of at least this many compensations refresh PostgreSQL's statistics.
@@ -82,6 +83,7 @@ class RollbackStore:
     """Rollbacks, plans and compensation states."""
 
     engine: AsyncEngine
+    writer: LedgerWriter
 
     async def create_rollback(
         self,
@@ -241,9 +243,10 @@ class RollbackStore:
             was new (so the ledger holds exactly what was planned: a run can
             start from it without reading it back); None otherwise.
         """
-        async with write_transaction(self.engine) as conn:
-            inserted = await self._insert_items(conn, rollback_id, items, now)
-            await conn.execute(
+
+        def store(conn: Connection) -> int:
+            inserted = _insert_items(conn, rollback_id, items, now)
+            conn.execute(
                 update(t.rollbacks)
                 .where(t.rollbacks.c.rollback_id == rollback_id)
                 .values(
@@ -255,6 +258,9 @@ class RollbackStore:
                     finished_at=now if state == "planned" else None,
                 )
             )
+            return inserted
+
+        inserted = await self.writer.run(store)
         if len(items) >= ANALYZE_AFTER_PLAN and self.engine.dialect.name == "postgresql":
             await self._analyze_plan_tables()
         if inserted != len(items):
@@ -279,8 +285,7 @@ class RollbackStore:
         self, rollback_id: str, items: Sequence[NewCompensation], *, now: datetime
     ) -> None:
         """Append (late) items to an existing rollback's plan."""
-        async with write_transaction(self.engine) as conn:
-            await self._insert_items(conn, rollback_id, items, now)
+        await self.writer.run(lambda conn: _insert_items(conn, rollback_id, items, now))
 
     async def add_manual(
         self, rollback_id: str, entries: list[dict[str, Any]], *, now: datetime
@@ -305,74 +310,6 @@ class RollbackStore:
                 .where(t.rollbacks.c.rollback_id == rollback_id)
                 .values(manual=manual, uncovered=uncovered, updated_at=now)
             )
-
-    async def _insert_items(
-        self, conn: Any, rollback_id: str, items: Sequence[NewCompensation], now: datetime
-    ) -> int:
-        """Insert a plan's compensations (known keys are kept) and items.
-
-        Returns:
-            How many compensations were new.
-        """
-        compensation_rows = [
-            {
-                "idempotency_key": i.idempotency_key,
-                "event_id": i.event_id,
-                "saga": i.saga,
-                "step": i.step,
-                "event_type": i.event_type,
-                "target_version": i.target_version,
-                "correlation_id": i.correlation_id,
-                "state": S.PENDING,
-                "attempts": 0,
-                "confirm_type": i.confirm_type,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for i in items
-        ]
-        item_rows = [
-            {
-                "rollback_id": rollback_id,
-                "idempotency_key": i.idempotency_key,
-                "position": i.position,
-                "depends_on": list(i.depends_on),
-                "late": i.late,
-            }
-            for i in items
-        ]
-        inserted = 0
-        statement = insert_ignoring_duplicates(conn, t.compensations, ["idempotency_key"])
-        for part in chunks(compensation_rows):
-            if conn.dialect.name == "sqlite":
-                # SQLite counts the rows an executemany inserted.
-                inserted += (await conn.execute(statement, list(part))).rowcount
-            else:
-                # asyncpg reports no row count for an executemany.
-                result = await conn.execute(
-                    statement.returning(t.compensations.c.idempotency_key), list(part)
-                )
-                inserted += len(result.scalars().all())
-        # A new plan covering a compensation that failed before is the
-        # operator asking again: it gets a fresh attempt budget. Done work
-        # (applied/confirmed/skipped) is never touched.
-        for part in chunks([i.idempotency_key for i in items]):
-            await conn.execute(
-                update(t.compensations)
-                .where(
-                    one_of(conn, t.compensations.c.idempotency_key, part),
-                    t.compensations.c.state == S.FAILED,
-                )
-                .values(state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
-            )
-        for part in chunks(item_rows):
-            await conn.execute(
-                insert_ignoring_duplicates(
-                    conn, t.rollback_items, ["rollback_id", "idempotency_key"]
-                ),
-                list(part),
-            )
-        return inserted
 
     async def plan_items(
         self, rollback_id: str, *, min_position: int = 0
@@ -483,16 +420,17 @@ class RollbackStore:
             The keys actually claimed; a key another executor claimed first, or
             that is done already, is left out.
         """
-        async with write_transaction(self.engine) as conn:
-            return await _update_keys(
+        return await self.writer.run(
+            lambda conn: _update_keys(
                 conn,
                 keys,
-                _by_key(conn) == S.PENDING,
+                state_beside_keys(conn) == S.PENDING,
                 state=S.RUNNING,
                 attempts=t.compensations.c.attempts + 1,
                 claimed_by=rollback_id,
                 updated_at=now,
             )
+        )
 
     async def record_outcomes(self, outcomes: Sequence[Outcome], *, now: datetime) -> None:
         """Write attempt results in one transaction.
@@ -512,32 +450,36 @@ class RollbackStore:
         shared = {v: keys for v, keys in groups.items() if len(keys) >= _SHARED_OUTCOME_GROUP}
         grouped = {key for keys in shared.values() for key in keys}
         single = [o for o in outcomes if o.idempotency_key not in grouped]
-        async with write_transaction(self.engine) as conn:
+
+        def write(conn: Connection) -> None:
             for (state, error, next_at, deadline, traceparent), keys in shared.items():
-                await _update_keys(
+                _update_keys(
                     conn,
                     keys,
-                    _by_key(conn) == S.RUNNING,
+                    state_beside_keys(conn) == S.RUNNING,
                     returning=False,
                     **_outcome_values(state, error, next_at, deadline, traceparent, now),
                 )
             if single:
-                await conn.execute(_outcome_statement(now), [_outcome_row(o, now) for o in single])
+                conn.execute(_outcome_statement(now), [_outcome_row(o, now) for o in single])
+
+        await self.writer.run(write)
 
     async def expire_confirmations(
         self, keys: Sequence[str], *, now: datetime, next_state: CompensationState, error: str
     ) -> list[str]:
         """applied → `next_state` for keys whose confirmation did not arrive in time."""
-        async with write_transaction(self.engine) as conn:
-            return await _update_keys(
+        return await self.writer.run(
+            lambda conn: _update_keys(
                 conn,
                 keys,
-                _by_key(conn) == S.APPLIED,
+                state_beside_keys(conn) == S.APPLIED,
                 state=next_state,
                 last_error=error,
                 next_attempt_at=now,
                 updated_at=now,
             )
+        )
 
     async def set_states(
         self,
@@ -554,8 +496,11 @@ class RollbackStore:
             values["skip_reason"] = reason
         if state == S.PENDING:
             values["next_attempt_at"] = None
-        async with write_transaction(self.engine) as conn:
-            return await _update_keys(conn, keys, _by_key(conn).in_(list(only_from)), **values)
+        return await self.writer.run(
+            lambda conn: _update_keys(
+                conn, keys, state_beside_keys(conn).in_(list(only_from)), **values
+            )
+        )
 
     async def release_claims(self, rollback_id: str, *, now: datetime) -> list[str]:
         """running → pending for claims of `rollback_id` whose outcome was never recorded.
@@ -710,8 +655,89 @@ def _in_plan(rollback_id: str) -> Any:
     )
 
 
-async def _update_keys(
-    conn: AsyncConnection,
+def _insert_items(
+    conn: Connection, rollback_id: str, items: Sequence[NewCompensation], now: datetime
+) -> int:
+    """Insert a plan's compensations (known keys are kept) and items.
+
+    Returns:
+        How many compensations were new.
+    """
+    if not items:
+        return 0
+    compensation_rows = [
+        {
+            "idempotency_key": i.idempotency_key,
+            "event_id": i.event_id,
+            "saga": i.saga,
+            "step": i.step,
+            "event_type": i.event_type,
+            "target_version": i.target_version,
+            "correlation_id": i.correlation_id,
+            "state": S.PENDING,
+            "attempts": 0,
+            "confirm_type": i.confirm_type,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for i in items
+    ]
+    item_rows = [
+        {
+            "rollback_id": rollback_id,
+            "idempotency_key": i.idempotency_key,
+            "position": i.position,
+            "depends_on": list(i.depends_on),
+            "late": i.late,
+        }
+        for i in items
+    ]
+    if conn.dialect.name == "sqlite":
+        # One executemany each, rows converted up front (`PreparedInsert`);
+        # SQLite counts the rows an executemany inserted.
+        compensations = PreparedInsert.of(
+            conn, t.compensations, ["idempotency_key"], list(compensation_rows[0])
+        )
+        inserted = conn.exec_driver_sql(
+            compensations.sql, compensations.rows(compensation_rows)
+        ).rowcount
+        plan = PreparedInsert.of(
+            conn, t.rollback_items, ["rollback_id", "idempotency_key"], list(item_rows[0])
+        )
+        conn.exec_driver_sql(plan.sql, plan.rows(item_rows))
+    else:
+        inserted = 0
+        statement = insert_ignoring_duplicates(conn, t.compensations, ["idempotency_key"])
+        for part in chunks(compensation_rows):
+            # asyncpg reports no row count for an executemany.
+            result = conn.execute(
+                statement.returning(t.compensations.c.idempotency_key), list(part)
+            )
+            inserted += len(result.scalars().all())
+        for part in chunks(item_rows):
+            conn.execute(
+                insert_ignoring_duplicates(
+                    conn, t.rollback_items, ["rollback_id", "idempotency_key"]
+                ),
+                list(part),
+            )
+    # A new plan covering a compensation that failed before is the
+    # operator asking again: it gets a fresh attempt budget. Done work
+    # (applied/confirmed/skipped) is never touched.
+    for part in chunks([i.idempotency_key for i in items], LOOKUP_CHUNK):
+        conn.execute(
+            update(t.compensations)
+            .where(
+                one_of(conn, t.compensations.c.idempotency_key, part),
+                t.compensations.c.state == S.FAILED,
+            )
+            .values(state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
+        )
+    return inserted
+
+
+def _update_keys(
+    conn: Connection,
     keys: Sequence[str],
     condition: Any,
     *,
@@ -731,9 +757,9 @@ async def _update_keys(
             .values(**values)
         )
         if not returning:
-            await conn.execute(statement)
+            conn.execute(statement)
             continue
-        result = await conn.execute(statement.returning(t.compensations.c.idempotency_key))
+        result = conn.execute(statement.returning(t.compensations.c.idempotency_key))
         changed.extend(result.scalars().all())
     return changed
 
@@ -803,23 +829,6 @@ def _either(states: Sequence[CompensationState]) -> str:
     """The states an operator action needs, as its refusal words them ("failed or blocked")."""
     names = [str(state) for state in states]
     return f"{', '.join(names[:-1])} or {names[-1]}"
-
-
-def _by_key(conn: AsyncConnection) -> Any:
-    """`compensations.state` for a WHERE that also names the keys.
-
-    SQLite has no statistics on a fresh ledger and, for `key IN (...) AND
-    state = ?`, prefers the `state` index, walking every pending row of every
-    plan for each claim (measured: a 100,000-compensation rollback 4 times
-    slower per compensation than a 10,000 one). `state || ''` is the same
-    value without the index, so the primary key serves the lookup.
-    PostgreSQL gets the plain column: it ANDs the `state` index with the
-    primary key there (a scan of 30,000 index entries at 10,000
-    compensations), yet with the expression instead a 100,000-event
-    rollback took 122 s rather than ~64 s (one run).
-    """
-    state = t.compensations.c.state
-    return state.concat("") if conn.dialect.name == "sqlite" else state
 
 
 def _changed_elsewhere(query: Any, rollback_id: str, since: datetime) -> Any:

@@ -58,10 +58,10 @@ async def test_a_batch_reports_exactly_the_new_events(ledger: Ledger) -> None:
 async def test_a_race_between_the_read_and_the_insert_falls_back_to_returning(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_insert = tracking_module.insert_ignoring_duplicates
+    real_insert = tracking_module._insert_new_sqlite
     raced: list[str] = []
 
-    def insert_after_another_writer(conn: Any, table: Any, keys: list[str]) -> Any:
+    def insert_after_another_writer(conn: Any, fresh: Any, prepared: Any) -> Any:
         if not raced:
             raced.append("x")
             # Another process stores "x" after our read of the stored ids and
@@ -77,9 +77,9 @@ async def test_a_race_between_the_read_and_the_insert_falls_back_to_returning(
                 other.commit()
             finally:
                 other.close()
-        return real_insert(conn, table, keys)
+        return real_insert(conn, fresh, prepared)
 
-    monkeypatch.setattr(tracking_module, "insert_ignoring_duplicates", insert_after_another_writer)
+    monkeypatch.setattr(tracking_module, "_insert_new_sqlite", insert_after_another_writer)
     result = await ledger.track([_event("x"), _event("y")], now=T0)
 
     # Our insert stored one row where it expected two: the transaction was
@@ -88,3 +88,56 @@ async def test_a_race_between_the_read_and_the_insert_falls_back_to_returning(
     assert [e.event_id for e in result.new_events] == ["y"]
     assert result.duplicates == 1
     assert await ledger.count_events() == 2
+
+
+def test_a_prepared_insert_stores_what_sqlalchemy_stores(tmp_path: Path) -> None:
+    # The tracker converts rows before its transaction (`PreparedInsert`):
+    # times with an offset, nested JSON, NULLs and big integers must reach
+    # SQLite exactly as SQLAlchemy's own executemany writes them.
+    from datetime import timedelta, timezone
+
+    from sqlalchemy import create_engine, select
+
+    from sagas.ledger import tables as t
+    from sagas.ledger.dialect import PreparedInsert, insert_ignoring_duplicates
+
+    east = timezone(timedelta(hours=5, minutes=30))
+    rows = [
+        tracking_module._event_row(
+            TrackedEvent(
+                event_id=f"e{n}",
+                event_type="OrderPlaced",
+                schema_version=n + 1,
+                service="orders",
+                service_version="1.0",
+                deployment_id="orders-1.0",
+                occurred_at=datetime(2026, 1, 31, 17, 30, n, 123456, tzinfo=east),
+                payload={"n": n, "items": [{"sku": "é", "qty": 2**40}], "none": None},
+                correlation_id="c" if n else None,
+                causation_id=None,
+                offset=2**40 + n,
+                traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01" if n else None,
+            ),
+            T0,
+        )
+        for n in range(3)
+    ]
+    stored = {}
+    for how in ("sqlalchemy", "prepared"):
+        engine = create_engine(f"sqlite:///{tmp_path / how}.db")
+        t.metadata.create_all(engine)
+        with engine.begin() as conn:
+            if how == "sqlalchemy":
+                conn.execute(insert_ignoring_duplicates(conn, t.events, ["event_id"]), rows)
+            else:
+                prepared = PreparedInsert.of(conn, t.events, ["event_id"])
+                conn.exec_driver_sql(prepared.sql, prepared.rows(rows))
+        raw = sqlite3.connect(tmp_path / f"{how}.db")
+        stored[how] = raw.execute("SELECT * FROM events ORDER BY event_id").fetchall()
+        raw.close()
+        with engine.connect() as conn:
+            read_back = conn.execute(select(t.events.c.occurred_at)).scalars().all()
+        assert [when.hour for when in read_back] == [12, 12, 12]  # 17:30+05:30 is 12:00 UTC
+        engine.dispose()
+    assert len(stored["prepared"]) == 3
+    assert stored["prepared"] == stored["sqlalchemy"]
