@@ -41,7 +41,7 @@ class Ledger(EventStore, RollbackStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_engine(url)
-        self.writer = LedgerWriter(url, self.engine)
+        self.writer = LedgerWriter(self.engine)
 
     @classmethod
     async def open(cls, url: str, *, migrate_schema: bool = True) -> Ledger:

@@ -66,7 +66,8 @@ class PreparedInsert:
     SQLAlchemy converts each value (datetimes to text, JSON to a string) as
     it executes, inside the transaction; rows converted beforehand with the
     same column types let the transaction hold SQLite's write lock only for
-    SQLite's own work (a tracker batch of 1,024 events: ~20 ms of Python).
+    SQLite's own work. Measured for 1,024 event rows: SQLAlchemy's
+    executemany 17-33 ms; converting 3 ms, then executing 12-19 ms.
     """
 
     sql: str

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagas.ledger.connection import SQLITE_BUSY_TIMEOUT, sqlite_pragmas
@@ -39,15 +39,15 @@ Write = Callable[[Connection], T]
 class LedgerWriter:
     """Runs write transactions for one ledger (see the module's docstring)."""
 
-    def __init__(self, url: str, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        parsed = make_url(url)
-        self._on_thread = parsed.get_backend_name() == "sqlite" and parsed.database not in (
+        url = engine.url
+        self._on_thread = url.get_backend_name() == "sqlite" and url.database not in (
             None,
             "",
             ":memory:",
         )
-        self._url = parsed.set(drivername="sqlite+pysqlite") if self._on_thread else None
+        self._url = url.set(drivername="sqlite+pysqlite") if self._on_thread else None
         # Created at the first write: a ledger that only reads has no thread.
         self._thread_engine: Engine | None = None
         self._thread: ThreadPoolExecutor | None = None

@@ -159,5 +159,5 @@ def test_only_a_sqlite_file_gets_a_thread() -> None:
         "postgresql+asyncpg://postgres@127.0.0.1/backout": False,
     }
     for url, on_thread in cases.items():
-        writer = LedgerWriter(url, create_async_engine("sqlite+aiosqlite://"))
-        assert writer._on_thread is on_thread, url
+        engine = create_async_engine(url)  # no connection is made
+        assert LedgerWriter(engine)._on_thread is on_thread, url
