@@ -7,8 +7,9 @@ import contextlib
 import functools
 import weakref
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import String, any_, func, literal, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -43,9 +44,29 @@ LOOKUP_CHUNK = 5000
 # Rows of `events` per multi-row INSERT: 17 columns x 1,000 = 17,000 values.
 ROW_CHUNK = 1000
 
+
+class WriteTurns(asyncio.Lock):
+    """The lock this process's SQLite writers take turns on; counts who waits.
+
+    The ledger's writer thread keeps it across writes queued back to back
+    only while no one else waits (`LedgerWriter`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def acquire(self) -> Literal[True]:
+        self.waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self.waiting -= 1
+
+
 # Per engine and event loop: the lock serialising this process's SQLite writers.
 _SQLITE_WRITERS: weakref.WeakKeyDictionary[
-    AsyncEngine, dict[asyncio.AbstractEventLoop, asyncio.Lock]
+    AsyncEngine, dict[asyncio.AbstractEventLoop, WriteTurns]
 ] = weakref.WeakKeyDictionary()
 
 
@@ -69,7 +90,7 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
         yield conn
 
 
-def sqlite_write_lock(engine: AsyncEngine) -> asyncio.Lock:
+def sqlite_write_lock(engine: AsyncEngine) -> WriteTurns:
     """The lock this process's writers of a SQLite `engine` take turns on."""
     locks = _SQLITE_WRITERS.setdefault(engine, {})
     loop = asyncio.get_running_loop()
@@ -77,7 +98,7 @@ def sqlite_write_lock(engine: AsyncEngine) -> asyncio.Lock:
     if lock is None:
         for stale in [known for known in locks if known.is_closed()]:
             del locks[stale]
-        lock = locks[loop] = asyncio.Lock()
+        lock = locks[loop] = WriteTurns()
     return lock
 
 

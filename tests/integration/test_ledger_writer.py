@@ -19,8 +19,9 @@ from sqlalchemy.engine import Connection
 
 from sagas.ledger import Ledger
 from sagas.ledger import tables as t
-from sagas.ledger.tracking import write_transaction
+from sagas.ledger.tracking import sqlite_write_lock, write_transaction
 from sagas.ledger.writer import LedgerWriter
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -103,6 +104,72 @@ async def test_writes_on_the_thread_and_on_the_loop_take_turns(ledger: Ledger) -
         assert most_inside == 1
     else:  # PostgreSQL locks rows, not the database: writers overlap
         assert most_inside > 1
+
+
+async def test_writes_queued_for_the_thread_do_not_wait_for_the_event_loop(
+    sqlite_url: str,
+) -> None:
+    # The second write was queued while the first ran: it starts when the
+    # first ends, even with the event loop busy (here: blocked) at that time.
+    ledger = await Ledger.open(sqlite_url)
+    first_may_end, second_started = threading.Event(), threading.Event()
+
+    def first(conn: Connection) -> None:
+        conn.execute(insert(t.tracked_offsets), [_offset("first")])
+        assert first_may_end.wait(5.0)
+
+    def second(conn: Connection) -> None:
+        second_started.set()
+        conn.execute(insert(t.tracked_offsets), [_offset("second")])
+
+    try:
+        writes = [asyncio.create_task(ledger.writer.run(w)) for w in (first, second)]
+        await wait_for(lambda: ledger.writer._queued == 2, message="both writes submitted")
+        first_may_end.set()
+        # Blocks the event loop: no turn of it until the second write started.
+        assert second_started.wait(5.0), "the queued write waited for the event loop"
+        await asyncio.gather(*writes)
+        assert await _groups(ledger) == ["first", "second"]
+    finally:
+        await ledger.close()
+
+
+async def test_a_writer_waiting_on_the_loop_goes_before_later_thread_writes(
+    sqlite_url: str,
+) -> None:
+    # Thread writes join the thread's turn only while no one else waits for
+    # the lock: a stream of them cannot starve `write_transaction`.
+    ledger = await Ledger.open(sqlite_url)
+    first_may_end = threading.Event()
+    order: list[str] = []
+
+    def thread_write(name: str) -> Callable[[Connection], None]:
+        def write(conn: Connection) -> None:
+            order.append(name)
+            conn.execute(insert(t.tracked_offsets), [_offset(name)])
+            if name == "a":
+                assert first_may_end.wait(5.0)
+
+        return write
+
+    async def on_the_loop() -> None:
+        async with write_transaction(ledger.engine) as conn:
+            order.append("loop")
+            await conn.execute(insert(t.tracked_offsets), [_offset("loop")])
+
+    try:
+        turns = sqlite_write_lock(ledger.engine)
+        tasks = [asyncio.create_task(ledger.writer.run(thread_write(n))) for n in ("a", "b")]
+        await wait_for(lambda: ledger.writer._queued == 2, message="a and b submitted")
+        tasks.append(asyncio.create_task(on_the_loop()))
+        await wait_for(lambda: turns.waiting == 1, message="the loop's writer waits")
+        tasks.append(asyncio.create_task(ledger.writer.run(thread_write("c"))))
+        await wait_for(lambda: turns.waiting == 2, message="c waits too")
+        first_may_end.set()
+        await asyncio.gather(*tasks)
+        assert order == ["a", "b", "loop", "c"]
+    finally:
+        await ledger.close()
 
 
 async def test_a_sqlite_file_is_written_from_one_thread_of_its_own(sqlite_url: str) -> None:
