@@ -202,14 +202,22 @@ class Tracker(Service):
     async def _store(self, events: list[TrackedEvent], offsets: list[TrackedOffset]) -> TrackResult:
         """Write to the ledger, retrying through outages: offsets wait until it lands."""
         delay = 0.2
+        retrying = False
         while True:
             started = time.perf_counter()
             try:
-                result = await self.ledger.track(events, offsets, now=self.clock.now())
+                result = await self.ledger.track(
+                    events,
+                    offsets,
+                    now=self.clock.now(),
+                    confirmed_by=self.engine.instance_id,
+                    retrying=retrying,
+                )
             except Exception as exc:
                 if self.should_stop:
                     raise
                 log.warning("ledger write failed (retrying in %.1fs): %s", delay, exc)
+                retrying = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

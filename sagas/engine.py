@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -109,6 +112,10 @@ class RollbackEngine:
         self.failures = failures
         self.clock = clock or SystemClock()
         self.settings = settings or EngineSettings()
+        # Recorded by this process's tracker with the confirmations it hands
+        # to `on_tracked`: this engine's runs, told of them in memory, leave
+        # them out when they poll the ledger for changes made elsewhere.
+        self.instance_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._runs: dict[str, RollbackRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._last_tick: dict[str, datetime] = {}
@@ -314,6 +321,7 @@ class RollbackEngine:
             is_paused=lambda: self._is_paused(rollback_id),
             poll_interval=self.settings.poll_interval,
             known=known,
+            engine_id=self.instance_id,
         )
         self._runs[rollback_id] = run
         if rollback_id in self._stopping:  # stop() came while the record was read

@@ -15,7 +15,7 @@ import heapq
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -102,6 +102,9 @@ class RollbackRun:
         known: what the engine just wrote when it planned the rollback (the
             plan's events, and the plan as stored if every compensation in
             it was new); the run reads only the rest from the ledger.
+        engine_id: the id its engine's tracker records with the confirmations
+            it tells this run of through `confirmed()` (`confirmed_by`); the
+            run's poll leaves those out. None: the poll reads them all.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class RollbackRun:
         poll_interval: float = 0.5,
         rng: random.Random | None = None,
         known: KnownPlan | None = None,
+        engine_id: str | None = None,
     ) -> None:
         self.rollback_id = rollback_id
         self.deployment_id = deployment_id
@@ -135,6 +139,7 @@ class RollbackRun:
         self.is_paused = is_paused
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()
+        self.engine_id = engine_id
         self._items: dict[str, _Item] = {}
         # Resolved once per (event type, version, step name), not per item.
         self._steps: dict[tuple[str, int, str], CompensationStep] = {}
@@ -146,6 +151,10 @@ class RollbackRun:
         # applied in memory already, and re-reading the ledger after every
         # tracked batch would cost a query per batch.
         self._reload = False
+        # Confirmations told while the plan is read: an item being read may
+        # show a state from before one, and the poll leaves it out.
+        self._loading = False
+        self._confirmed_while_loading: set[str] = set()
         self._inflight: dict[asyncio.Task[Outcome], str] = {}
         self._running_here: set[str] = set()
         # Keys whose dependencies are done and that are pending; the heap
@@ -190,15 +199,24 @@ class RollbackRun:
         self._wake.set()
 
     def confirmed(self, keys: list[str]) -> None:
-        """Confirmations tracked in this process: apply without a ledger round trip."""
+        """Confirmations tracked in this process: apply without a ledger round trip.
+
+        Every confirmation its tracker records with this run's `engine_id`
+        must arrive here: the poll does not read those back.
+        """
+        if self._loading:
+            self._confirmed_while_loading.update(keys)
+        if self._apply_confirmed(keys):
+            self._wake.set()
+
+    def _apply_confirmed(self, keys: Iterable[str]) -> bool:
         hit = False
         for key in keys:
             item = self._items.get(key)
             if item is not None and item.state not in (S.CONFIRMED, S.SKIPPED):
                 self._set_state(item, S.CONFIRMED)
                 hit = True
-        if hit:
-            self._wake.set()
+        return hit
 
     def counts(self, *, manual: int, uncovered: int) -> Counts:
         """The plan's counts as this run knows them (the ledger's, as of its last poll)."""
@@ -220,6 +238,17 @@ class RollbackRun:
 
     async def _load(self) -> None:
         """Read new plan items (late events) and states changed outside this run."""
+        self._loading = True
+        try:
+            await self._read_plan()
+            # A confirmation committed after an item's state was read: told
+            # while reading, so applied now (confirmed is final).
+            self._apply_confirmed(self._confirmed_while_loading)
+        finally:
+            self._loading = False
+            self._confirmed_while_loading.clear()
+
+    async def _read_plan(self) -> None:
         fresh, self._stored_plan = self._stored_plan, []
         after = max((r.position + 1 for r in fresh), default=self._next_position)
         fresh += await self.ledger.plan_items(self.rollback_id, min_position=after)
@@ -265,7 +294,7 @@ class RollbackRun:
         if since is None:
             return
         states = await self.ledger.changed_states(
-            self.rollback_id, since=since - timedelta(seconds=2)
+            self.rollback_id, since=since - timedelta(seconds=2), known_to=self.engine_id
         )
         differ = []
         for key, state in states:

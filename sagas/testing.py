@@ -227,7 +227,11 @@ class SagaTestHarness:
 
     async def emit(self, *envelopes: EventEnvelope) -> TrackResult:
         """Track envelopes as the worker would (confirmations and late events included)."""
-        result = await self.ledger.track([tracked(e) for e in envelopes], now=self.clock.now())
+        result = await self.ledger.track(
+            [tracked(e) for e in envelopes],
+            now=self.clock.now(),
+            confirmed_by=self.engine.instance_id,
+        )
         await self.engine.on_tracked(result)
         return result
 

@@ -362,20 +362,23 @@ class RollbackStore:
             return int(result.scalar_one())
 
     async def changed_states(
-        self, rollback_id: str, *, since: datetime
+        self, rollback_id: str, *, since: datetime, known_to: str | None = None
     ) -> list[tuple[str, CompensationState]]:
         """(key, state) of a rollback's compensations changed by someone else since `since`.
 
         "Someone else": a confirmation or an operator skip (whoever wrote it),
         an operator retry (pending again with a fresh budget), or a claim by
         another rollback sharing the key. The run's own writes are left out,
-        so a poll reads what changed elsewhere, not the run's own progress.
-        A run polls this twice a second; most rows are changes it knows
-        already (its own confirmations), so only two columns are read and the
-        run fetches whole records (`get_compensations`) for keys that differ.
+        so a poll reads what changed elsewhere, not the run's own progress;
+        so are confirmations recorded with `confirmed_by` = `known_to` (the
+        engine of the run, told of them in memory). Only two columns are
+        read; the run fetches whole records (`get_compensations`) for keys
+        whose state differs from what it knows.
         """
         c = t.compensations.c
-        query = _changed_elsewhere(select(c.idempotency_key, c.state), rollback_id, since)
+        query = _changed_elsewhere(
+            select(c.idempotency_key, c.state), rollback_id, since, known_to=known_to
+        )
         async with self.engine.connect() as conn:
             return [(key, S(state)) for key, state in (await conn.execute(query)).all()]
 
@@ -831,9 +834,14 @@ def _either(states: Sequence[CompensationState]) -> str:
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def _changed_elsewhere(query: Any, rollback_id: str, since: datetime) -> Any:
+def _changed_elsewhere(
+    query: Any, rollback_id: str, since: datetime, *, known_to: str | None = None
+) -> Any:
     """`query` over a rollback's compensations, narrowed to changes made elsewhere."""
     c = t.compensations.c
+    # First, before the plan lookup: at 100,000 events ~10,000 rows changed
+    # within a poll's window, nearly all confirmations the run was told of.
+    told = [] if known_to is None else [or_(c.confirmed_by.is_(None), c.confirmed_by != known_to)]
     # EXISTS, not a join: SQLite then walks the `updated_at` index (what
     # changed) and probes the plan's primary key, instead of walking the
     # whole plan and probing each compensation (measured: O(plan) per poll).
@@ -846,8 +854,9 @@ def _changed_elsewhere(query: Any, rollback_id: str, since: datetime) -> Any:
         .exists()
     )
     return query.where(
-        in_plan,
         c.updated_at >= since,
+        *told,
+        in_plan,
         or_(
             c.state.in_([S.CONFIRMED, S.SKIPPED]),
             and_(c.claimed_by.is_not(None), c.claimed_by != rollback_id),

@@ -135,6 +135,11 @@ compensations = Table(
     Column("next_attempt_at", Time),
     Column("applied_at", Time),
     Column("confirmed_at", Time),
+    # The engine told of the confirmation in memory by the tracker that
+    # recorded it (`RollbackEngine.instance_id`): that engine's runs leave
+    # these rows out of their polls. Set only with the move to `confirmed`,
+    # which is final.
+    Column("confirmed_by", ID),
     Column("skip_reason", Text),
     # The rollback whose run claimed it last: on resume, a rollback re-runs
     # only its own interrupted claims (same key, at-least-once).

@@ -168,21 +168,37 @@ class EventStore:
         offsets: Sequence[TrackedOffset] = (),
         *,
         now: datetime,
+        confirmed_by: str | None = None,
+        retrying: bool = False,
     ) -> TrackResult:
         """Store a batch of events in one transaction, with their source offsets.
 
         Duplicate `event_id`s (already stored, or twice in the batch) are
         ignored. Events whose `causation_id` is the idempotency key of a
         compensation waiting for exactly that event type confirm it.
+
+        `confirmed_by`: the engine the caller will hand the result to
+        (`RollbackEngine.instance_id`), recorded with each confirmation; that
+        engine's runs then leave these rows out of their polls. Pass it only
+        when the result does reach that engine's `on_tracked`.
+
+        `retrying`: an earlier call with this batch raised, so it may have
+        committed unseen (the connection lost at COMMIT). Its events are
+        duplicates now; the confirmations it recorded with `confirmed_by`
+        are reported again, since that engine's runs do not poll for them.
         """
         unique: dict[str, TrackedEvent] = {}
         for item in batch:
             unique.setdefault(item.event_id, item)
         rows = [_event_row(item, now) for item in unique.values()]
         try:
-            return await self._track(batch, unique, rows, offsets, now, returning=False)
+            return await self._track(
+                batch, unique, rows, offsets, now, confirmed_by, retrying, returning=False
+            )
         except _Raced:
-            return await self._track(batch, unique, rows, offsets, now, returning=True)
+            return await self._track(
+                batch, unique, rows, offsets, now, confirmed_by, retrying, returning=True
+            )
 
     async def _track(
         self,
@@ -191,12 +207,14 @@ class EventStore:
         rows: list[dict[str, Any]],
         offsets: Sequence[TrackedOffset],
         now: datetime,
+        confirmed_by: str | None,
+        retrying: bool,
         *,
         returning: bool,
     ) -> TrackResult:
         plain_insert = self.engine.dialect.name == "sqlite" and not returning
         stored: set[str] = set()
-        waiting: dict[str, str | None] | None = None
+        waiting: dict[str, _Waiting] | None = None
         if self.engine.dialect.name == "sqlite":
             # Read before taking this process's write lock (the executor's
             # claims and outcomes wait on it): which events are stored already
@@ -213,6 +231,7 @@ class EventStore:
             fresh = self._event_insert.rows([r for r in rows if r["event_id"] not in stored])
 
         def store(conn: Connection) -> tuple[list[TrackedEvent], list[str]]:
+            nonlocal waiting
             new_ids: set[str] = set()
             if plain_insert:
                 new_ids = _insert_new_sqlite(conn, fresh, self._event_insert)
@@ -228,11 +247,15 @@ class EventStore:
             new_events = [unique[i] for i in unique if i in new_ids]
             _record_deployments(conn, new_events, now)
             # PostgreSQL reads inside the transaction: no lock to keep short there.
-            types = _confirmation_types(conn, new_events) if waiting is None else waiting
-            confirmed = _confirm(conn, new_events, types, now)
+            if waiting is None:
+                waiting = _confirmation_types(conn, list(unique.values()))
+            confirmed = _confirm(conn, new_events, waiting, now, confirmed_by)
+            again: list[str] = []
+            if retrying and confirmed_by is not None:
+                again = [k for k, w in waiting.items() if w.confirmed_by == confirmed_by]
             if offsets:
                 _store_offsets(conn, offsets)
-            return new_events, confirmed
+            return new_events, sorted({*confirmed, *again})
 
         new_events, confirmed = await self.writer.run(store)
         return TrackResult(
@@ -399,35 +422,46 @@ async def _stored_event_ids(conn: AsyncConnection, ids: Sequence[str]) -> set[st
     return stored
 
 
-def _confirmation_types(conn: Connection, events: Iterable[TrackedEvent]) -> dict[str, str | None]:
-    """Confirmation type by key, of the compensations `events` were caused by.
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """What a batch needs to know of a compensation its events were caused by."""
+
+    confirm_type: str | None
+    confirmed_by: str | None
+
+
+def _confirmation_types(conn: Connection, events: Iterable[TrackedEvent]) -> dict[str, _Waiting]:
+    """By key, the compensations `events` were caused by.
 
     By key alone: the UPDATE that confirms checks the state, and with the
     state here as well PostgreSQL also scanned the whole `state` index.
     """
     keys = sorted({str(e.causation_id) for e in events if e.causation_id})
-    waiting: dict[str, str | None] = {}
+    waiting: dict[str, _Waiting] = {}
     c = t.compensations.c
     for part in chunks(keys, LOOKUP_CHUNK):
         result = conn.execute(
-            select(c.idempotency_key, c.confirm_type).where(one_of(conn, c.idempotency_key, part))
+            select(c.idempotency_key, c.confirm_type, c.confirmed_by).where(
+                one_of(conn, c.idempotency_key, part)
+            )
         )
-        waiting.update(dict(result.all()))
+        waiting.update({key: _Waiting(kind, by) for key, kind, by in result.all()})
     return waiting
 
 
 def _confirm(
     conn: Connection,
     new_events: Sequence[TrackedEvent],
-    waiting: dict[str, str | None],
+    waiting: dict[str, _Waiting],
     now: datetime,
+    confirmed_by: str | None = None,
 ) -> list[str]:
     """Confirm the compensations in `waiting` that a new event of their type answers."""
     matching = sorted(
         {
             str(e.causation_id)
             for e in new_events
-            if e.causation_id in waiting and waiting[e.causation_id] == e.event_type
+            if e.causation_id in waiting and waiting[e.causation_id].confirm_type == e.event_type
         }
     )
     confirmed: list[str] = []
@@ -440,7 +474,12 @@ def _confirm(
                 one_of(conn, t.compensations.c.idempotency_key, part),
                 state_beside_keys(conn).in_(_CONFIRMABLE),
             )
-            .values(state=CompensationState.CONFIRMED, confirmed_at=now, updated_at=now)
+            .values(
+                state=CompensationState.CONFIRMED,
+                confirmed_at=now,
+                confirmed_by=confirmed_by,
+                updated_at=now,
+            )
             .returning(t.compensations.c.idempotency_key)
         )
         confirmed.extend(result.scalars().all())

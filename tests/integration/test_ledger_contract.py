@@ -847,6 +847,63 @@ class LedgerContract:
         }
         assert await ledger.changed_states("rb-1", since=at(4)) == []
 
+    async def test_a_poll_leaves_out_confirmations_its_engine_was_told_of(
+        self, ledger: Ledger
+    ) -> None:
+        keys = ["mine", "theirs", "untagged", "skipped"]
+        await new_rollback(ledger, "rb-1", [item(k, i, confirm="C") for i, k in enumerate(keys)])
+        await ledger.claim(keys[:3], now=at(1), rollback_id="rb-1")
+        await ledger.record_outcomes([Outcome(k, S.APPLIED) for k in keys[:3]], now=at(1))
+
+        mine = [event("c-mine", 2, event_type="C", causation="mine")]
+        told = await ledger.track(mine, now=at(2), confirmed_by="engine-a")
+        await ledger.track(
+            [event("c-theirs", 2, event_type="C", causation="theirs")],
+            now=at(2),
+            confirmed_by="engine-b",
+        )
+        await ledger.track(
+            [event("c-untagged", 2, event_type="C", causation="untagged")], now=at(2)
+        )
+        await ledger.skip_compensation("skipped", reason="operator", now=at(2))
+
+        assert told.confirmed_keys == ["mine"]
+        assert (await ledger.get_compensation("mine")).state == S.CONFIRMED  # type: ignore[union-attr]
+        assert dict(await ledger.changed_states("rb-1", since=at(1.5), known_to="engine-a")) == {
+            "theirs": S.CONFIRMED,
+            "untagged": S.CONFIRMED,
+            "skipped": S.SKIPPED,
+        }
+        everything = dict(await ledger.changed_states("rb-1", since=at(1.5)))
+        assert set(everything) == set(keys)
+
+    async def test_a_confirmation_is_told_again_to_the_engine_that_recorded_it(
+        self, ledger: Ledger
+    ) -> None:
+        # The tracker retries a batch whose first write it saw fail; the
+        # write may have committed (connection lost at COMMIT). The events
+        # are duplicates now, yet the confirmations must reach the engine
+        # again: its runs' polls leave out what it recorded.
+        await new_rollback(ledger, "rb-1", [item("a", confirm="C"), item("b", 1, confirm="C")])
+        await ledger.claim(["a", "b"], now=at(1), rollback_id="rb-1")
+        await ledger.record_outcomes([Outcome("a", S.APPLIED), Outcome("b", S.APPLIED)], now=at(1))
+        batch = [
+            event("c-a", 2, event_type="C", causation="a"),
+            event("c-b", 2, event_type="C", causation="b"),
+        ]
+        await ledger.track(batch[:1], now=at(2), confirmed_by="engine-a")
+        await ledger.track(batch[1:], now=at(2), confirmed_by="engine-b")
+
+        again = await ledger.track(batch, now=at(3), confirmed_by="engine-a", retrying=True)
+        elsewhere = await ledger.track(batch, now=at(3), confirmed_by="engine-c", retrying=True)
+        duplicate = await ledger.track(batch, now=at(3), confirmed_by="engine-a")
+
+        assert again.new_events == []
+        assert again.confirmed_keys == ["a"]
+        assert elsewhere.confirmed_keys == []
+        # Not retrying: a re-delivered confirmation is a duplicate, nothing more.
+        assert duplicate.confirmed_keys == []
+
     async def test_expire_confirmations_only_touches_applied(self, ledger: Ledger) -> None:
         await new_rollback(ledger, "rb-1", [item("a", confirm="C"), item("b", 1, confirm="C")])
         await ledger.claim(["a", "b"], now=at(1))

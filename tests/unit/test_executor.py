@@ -19,14 +19,17 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from consumers.decoding import EventDecoder
+from consumers.settings import Settings
+from consumers.tracker import Tracker
 from sagas.context import CompensationContext, SentCommand
 from sagas.definition import Saga
 from sagas.engine import EngineSettings
 from sagas.errors import CompensationError, LedgerError, PermanentError
-from sagas.ledger import CompensationState, Counts, RollbackRecord
+from sagas.ledger import CompensationState, Counts, RollbackRecord, TrackResult
 from sagas.planner import idempotency_key
 from sagas.retry import RetryPolicy
-from sagas.testing import SagaTestHarness
+from sagas.testing import SagaTestHarness, tracked
 from schemas.envelope import EventEnvelope
 from schemas.headers import IDEMPOTENCY_KEY_HEADER
 from schemas.status import RollbackState
@@ -623,6 +626,75 @@ class TestConfirmations:
             await shop.h.clock.advance(3600)
             assert len(shop.calls) == 1
             assert await shop.state_of(paid) == S.CONFIRMED
+
+    async def test_a_confirmation_told_while_the_plan_is_read_is_kept(self) -> None:
+        # A restarted engine's run reads the plan: the refund shows applied.
+        # The confirmation lands right after that read, before the run holds
+        # any item, and its polls leave out what its engine was told of.
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
+            paid, record = await shop.refund_awaiting_confirmation()
+            read, gate = asyncio.Event(), asyncio.Event()
+            plan_items = shop.h.ledger.plan_items
+
+            async def read_then_wait(*args: Any, **kwargs: Any) -> Any:
+                items = await plan_items(*args, **kwargs)
+                if not read.is_set():
+                    read.set()
+                    await gate.wait()
+                return items
+
+            shop.h.ledger.plan_items = read_then_wait  # type: ignore[method-assign]
+            await shop.h.crash_and_restart()
+            await until(read.is_set, "the restarted run read its plan")
+            result = await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            assert result.confirmed_keys == [shop.key(paid)]
+            gate.set()
+
+            # Without it the run would wait out the hour-long confirmation
+            # deadline and send the refund again.
+            record = await shop.h.settle(record.rollback_id, max_fake_seconds=60)
+            assert record.state == RollbackState.COMPLETED
+            assert len(shop.calls) == 1
+
+    async def test_a_confirmation_whose_commit_went_unseen_is_told_on_the_retry(self) -> None:
+        # The tracker's write committed, but the connection was lost before
+        # the COMMIT was acknowledged: the tracker retries, the events are
+        # duplicates by then, and the engine must hear of the confirmation
+        # all the same (its runs' polls leave out what it is told).
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
+            paid, record = await shop.refund_awaiting_confirmation()
+            ledger = shop.h.ledger
+            track = ledger.track
+            unseen: list[TrackResult] = []
+
+            async def commit_then_lose_the_connection(*args: Any, **kwargs: Any) -> TrackResult:
+                result = await track(*args, **kwargs)
+                if not unseen:
+                    unseen.append(result)
+                    raise ConnectionError("connection lost at COMMIT")
+                return result
+
+            ledger.track = commit_then_lose_the_connection  # type: ignore[method-assign]
+            tracker = Tracker(
+                Settings(),
+                ledger=ledger,
+                engine=shop.h.engine,
+                decoder=EventDecoder(shop.h.registry),
+                dead_letters=None,  # type: ignore[arg-type]  # no bad records here
+                clock=shop.h.clock,
+            )
+            refunded = shop.h.envelope(
+                "PaymentRefunded", {}, deployment_id="payments-2", causation_id=shop.key(paid)
+            )
+            result = await tracker._store([tracked(refunded)], [])
+
+            assert unseen[0].confirmed_keys == [shop.key(paid)]  # the lost write confirmed it
+            assert result.duplicates == 1
+            assert result.confirmed_keys == [shop.key(paid)]  # and the retry tells it again
+            await shop.h.engine.on_tracked(result)
+            record = await shop.h.settle(record.rollback_id, max_fake_seconds=60)
+            assert record.state == RollbackState.COMPLETED
+            assert len(shop.calls) == 1
 
 
 # ------------------------------------------------------------------- pause
