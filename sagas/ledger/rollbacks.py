@@ -724,6 +724,8 @@ def _insert_items(
                 ),
                 list(part),
             )
+    if inserted == len(items):
+        return inserted  # all new: none of them failed before
     # A new plan covering a compensation that failed before is the
     # operator asking again: it gets a fresh attempt budget. Done work
     # (applied/confirmed/skipped) is never touched.

@@ -539,6 +539,32 @@ class LedgerContract:
         assert await ledger.rollbacks_of("k3") == ["rb-2"]
         assert await ledger.claim(["k1"], now=at(3)) == []  # done work is never redone
 
+    async def test_a_new_plan_gives_a_failed_compensation_a_fresh_budget(
+        self, ledger: Ledger
+    ) -> None:
+        await new_rollback(ledger, "rb-1", [item("failed"), item("applied", 1)])
+        await ledger.claim(["failed", "applied"], now=at(1))
+        await ledger.record_outcomes(
+            [Outcome("failed", S.FAILED, error="boom"), Outcome("applied", S.APPLIED)], now=at(2)
+        )
+
+        await add_rollback(ledger, "rb-2", state="planning")
+        await ledger.save_plan(
+            "rb-2",
+            [item("failed"), item("applied", 1), item("new", 2)],
+            manual=[],
+            uncovered=[],
+            state="running",
+            now=at(3),
+        )
+
+        plan = await ledger.plan_items("rb-2")
+        assert [(p.idempotency_key, p.state, p.attempts) for p in plan] == [
+            ("failed", S.PENDING, 0),
+            ("applied", S.APPLIED, 1),
+            ("new", S.PENDING, 0),
+        ]
+
     async def test_saving_the_same_plan_twice_is_harmless(self, ledger: Ledger) -> None:
         await new_rollback(ledger, "rb-1", [item("k1"), item("k2", 1)])
         await ledger.claim(["k1"], now=at(1))
