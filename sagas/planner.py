@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -200,11 +200,12 @@ def _forward_order(by_id: dict[str, TrackedEvent], registry: SagaRegistry) -> li
     heapq.heapify(ready)
     order: list[str] = []
     placed: set[str] = set()
-    remaining = sorted(by_id, key=priority)
+    remaining: Iterator[str] | None = None  # sorted only if a cycle is met
     while len(order) < len(by_id):
         if not ready:
             # A causation cycle (impossible in reality, possible in bad
             # input): break it at the earliest remaining event.
+            remaining = remaining or iter(sorted(by_id, key=priority))
             breaker = next(e for e in remaining if e not in placed)
             waiting_parents[breaker] = 0
             heapq.heappush(ready, (priority(breaker), breaker))

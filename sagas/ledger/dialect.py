@@ -90,12 +90,35 @@ class PreparedInsert:
         return cls(str(compiled), columns, converters)
 
     def rows(self, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        """`rows` as the driver's parameter tuples, in the statement's order."""
-        pairs = list(zip(self.columns, self.converters, strict=True))
-        return [
-            tuple(row[name] if convert is None else convert(row[name]) for name, convert in pairs)
-            for row in rows
-        ]
+        """`rows` as the driver's parameter tuples, in the statement's order.
+
+        Column by column: a plan's rows share one time object (`created_at`,
+        `updated_at`), a tracked batch its `tracked_at`, converted once.
+        Measured for a 100,000-compensation plan: 1.75 s converting row by
+        row, of which 0.73 s for 200,000 times.
+        """
+        columns = []
+        for name, convert in zip(self.columns, self.converters, strict=True):
+            values = [row[name] for row in rows]
+            if convert is not None:
+                values = _convert_all(convert, values)
+            columns.append(values)
+        return list(zip(*columns, strict=True))
+
+
+def _convert_all(convert: Callable[[Any], Any], values: list[Any]) -> list[Any]:
+    """`convert` each value; the very same object repeated (a batch's `now`) only once."""
+    result = []
+    previous: Any = _NOTHING
+    converted: Any = None
+    for value in values:
+        if value is not previous:
+            previous, converted = value, convert(value)
+        result.append(converted)
+    return result
+
+
+_NOTHING = object()
 
 
 def state_beside_keys(conn: Bound) -> Any:
