@@ -35,10 +35,25 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
+# Pages of write-ahead log after which a commit copies the log into the
+# database file (SQLite's default is 1,000). A rollback's tracker batch dirties
+# ~3,000 pages of randomly keyed indexes: at the default every commit copied
+# and synced them all again. Measured on a copy of a 100,000-event ledger, a
+# batch of 660 confirmations: commit 66 -> 35 ms.
+SQLITE_CHECKPOINT_PAGES = 20_000
+
+
 def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """Settings of every SQLite connection (a `connect` event listener)."""
+    """Settings of every SQLite connection (a `connect` event listener).
+
+    `synchronous=FULL`: a commit is on disk when it returns (the tracker
+    commits its Kafka offsets right after); in WAL mode that is one sync of
+    the log per commit. With NORMAL, the commits since the last checkpoint
+    could be lost to a power cut, and checkpoints are rare now.
+    """
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_CHECKPOINT_PAGES}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

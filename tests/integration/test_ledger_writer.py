@@ -19,8 +19,9 @@ from sqlalchemy.engine import Connection
 
 from sagas.ledger import Ledger
 from sagas.ledger import tables as t
+from sagas.ledger.connection import SQLITE_CHECKPOINT_PAGES
 from sagas.ledger.tracking import sqlite_write_lock, write_transaction
-from sagas.ledger.writer import LedgerWriter
+from sagas.ledger.writer import WRITER_CACHE_KIB, LedgerWriter
 from tests.support.waiting import wait_for
 
 
@@ -214,6 +215,32 @@ async def test_closing_waits_for_a_write_in_progress(sqlite_url: str) -> None:
         assert count == 1
     finally:
         await reopened.close()
+
+
+async def test_sqlite_connections_sync_each_commit_and_checkpoint_rarely(
+    sqlite_url: str,
+) -> None:
+    # A commit is on disk when it returns (FULL), the log is copied into the
+    # database every SQLITE_CHECKPOINT_PAGES pages, and only the writer's
+    # connection gets the larger page cache.
+    ledger = await Ledger.open(sqlite_url)
+
+    def settings(conn: Connection) -> tuple[int, int, int]:
+        values = [
+            conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("synchronous", "wal_autocheckpoint", "cache_size")
+        ]
+        return int(values[0]), int(values[1]), int(values[2])
+
+    try:
+        on_the_writer = await ledger.writer.run(settings)
+        async with ledger.engine.connect() as conn:
+            on_the_loop = await conn.run_sync(settings)
+    finally:
+        await ledger.close()
+    full = 2
+    assert on_the_writer == (full, SQLITE_CHECKPOINT_PAGES, -WRITER_CACHE_KIB)
+    assert on_the_loop == (full, SQLITE_CHECKPOINT_PAGES, -2000)  # SQLite's default cache
 
 
 def test_only_a_sqlite_file_gets_a_thread() -> None:
