@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
@@ -82,7 +82,6 @@ class LedgerWriter:
         assert self._url is not None
         engine = create_engine(self._url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
         event.listen(engine, "connect", sqlite_pragmas)
-        event.listen(engine, "connect", _writer_cache)
         self._thread_engine = engine
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
         return self._thread
@@ -100,18 +99,3 @@ class LedgerWriter:
             await asyncio.to_thread(thread.shutdown, wait=True)
         if engine is not None:
             engine.dispose()
-
-
-# KiB of page cache for the writer's connection (SQLite's default is 2,000):
-# the interior pages of the randomly keyed indexes a batch updates stay in
-# memory. Measured on a copy of a 100,000-event ledger, a batch of 660
-# confirmations: insert 14 -> 8 ms, confirming UPDATE 27 -> 18 ms (64 MB
-# gained nothing more). It costs memory: a worker's peak after tracking
-# 1,000,000 events went from ~232 to 245 MB (the budget is 250 MB).
-WRITER_CACHE_KIB = 16_384
-
-
-def _writer_cache(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-    cursor.close()
