@@ -42,6 +42,12 @@ from sagas.registry import Compensate, SagaRegistry
 
 log = logging.getLogger(__name__)
 
+# No ledger write moves a compensation out of these states, so neither does a
+# run: a confirmation told while a claim, an outcome or an expiry was being
+# written stands, whatever that write returns (the poll would not correct it:
+# it leaves out what this run's engine was told of).
+FINAL_STATES = frozenset({S.CONFIRMED, S.SKIPPED})
+
 
 class FailureSink(Protocol):
     """Told about every compensation that exhausted its retries (→ DLQ)."""
@@ -301,11 +307,26 @@ class RollbackRun:
             item = self._items.get(key)
             if item is not None and state != item.state and key not in self._running_here:
                 differ.append(key)
-        if not differ:
+        await self._read_states(differ)
+
+    async def _read_states(self, keys: list[str]) -> None:
+        """Take the ledger's word for `keys`: changed elsewhere, or a write of
+        this run's found them in another state than it held in memory.
+
+        The second is how memory catches up with a confirmation its engine
+        recorded but this run was not told of (tracked between the plan's
+        save and the run's start): the poll leaves those out.
+        """
+        if not keys:
             return
-        for record in await self.ledger.get_compensations(differ):
+        for record in await self.ledger.get_compensations(keys):
             item = self._items.get(record.idempotency_key)
-            if item is None or record.state == item.state or item.key in self._running_here:
+            if (
+                item is None
+                or record.state == item.state
+                or item.state in FINAL_STATES
+                or item.key in self._running_here
+            ):
                 continue
             item.attempts = record.attempts
             item.next_attempt_at = record.next_attempt_at
@@ -354,7 +375,7 @@ class RollbackRun:
     def _set_state(self, item: _Item, state: S) -> None:
         """The one place a state changes in memory: keeps the ready set exact."""
         before = item.state
-        if before == state:
+        if before == state or before in FINAL_STATES:
             return
         self._open += _is_open(item, state) - _is_open(item, before)
         self._by_state[before] -= 1
@@ -471,16 +492,16 @@ class RollbackRun:
             for k, i in self._items.items()
             if i.state == S.BLOCKED and not self._dependency_failed(i)
         ]
-        if to_block:
-            for key in await self.ledger.set_states(
-                to_block, S.BLOCKED, now=now, only_from=[S.PENDING]
-            ):
-                self._set_state(self._items[key], S.BLOCKED)
-        if to_unblock:
-            for key in await self.ledger.set_states(
-                to_unblock, S.PENDING, now=now, only_from=[S.BLOCKED]
-            ):
-                self._set_state(self._items[key], S.PENDING)
+        for keys, state, only_from in (
+            (to_block, S.BLOCKED, S.PENDING),
+            (to_unblock, S.PENDING, S.BLOCKED),
+        ):
+            if not keys:
+                continue
+            moved = await self.ledger.set_states(keys, state, now=now, only_from=[only_from])
+            for key in moved:
+                self._set_state(self._items[key], state)
+            await self._read_states(sorted(set(keys) - set(moved)))
 
     async def _start_ready(self, now: datetime) -> None:
         free = self.concurrency - len(self._inflight)
@@ -506,15 +527,23 @@ class RollbackRun:
         claimed = set(
             await self.ledger.claim([i.key for i in ready], now=now, rollback_id=self.rollback_id)
         )
+        unclaimed = []
         for item in ready:
-            # Not claimed: another rollback's run holds it; its state arrives by polling.
+            if item.state in FINAL_STATES:
+                # Confirmed while the claim was written (the service answered
+                # an attempt made before a restart): nothing left to run.
+                continue
             self._set_state(item, S.RUNNING)
             if item.key not in claimed:
+                unclaimed.append(item.key)
                 continue
             item.attempts += 1
             self._running_here.add(item.key)
             task = asyncio.create_task(self._attempt(item, item.attempts))
             self._inflight[task] = item.key
+        # Not pending in the ledger: another rollback's run holds it (its
+        # outcome arrives by polling), or it is done already.
+        await self._read_states(unclaimed)
 
     async def _wait(self, now: datetime) -> None:
         # Only deadlines still ahead: one already due is either being handled
@@ -552,11 +581,14 @@ class RollbackRun:
                 self.on_outcome(outcome)
         for outcome in outcomes:
             item = self._items[outcome.idempotency_key]
-            if item.state == S.RUNNING:  # not overtaken by a confirmation
-                item.next_attempt_at = outcome.next_attempt_at
-                item.confirm_deadline = outcome.confirm_deadline
-                self._set_state(item, outcome.state)
-                self._track_deadline(item)
+            if item.state != S.RUNNING:
+                # Overtaken by a confirmation: the ledger kept it, and so do we
+                # (a failure the service answered anyway is not one).
+                continue
+            item.next_attempt_at = outcome.next_attempt_at
+            item.confirm_deadline = outcome.confirm_deadline
+            self._set_state(item, outcome.state)
+            self._track_deadline(item)
             if outcome.state == S.FAILED and self.failures is not None:
                 event = self._events[item.record.event_id]
                 await self.failures.compensation_failed(
@@ -577,6 +609,7 @@ class RollbackRun:
                 and item.confirm_deadline == deadline
             ):
                 expired.append(item)
+        stale = []
         for item in expired:
             exhausted = item.step.retry.exhausted(item.attempts)
             error = (
@@ -587,13 +620,17 @@ class RollbackRun:
             changed = await self.ledger.expire_confirmations(
                 [item.key], now=now, next_state=next_state, error=error
             )
-            if item.key in changed:
+            if item.key not in changed:
+                stale.append(item.key)  # not applied in the ledger any more: confirmed
+            # Not if the confirmation was told while the expiry was written.
+            elif item.state not in FINAL_STATES:
                 item.next_attempt_at = now
                 self._set_state(item, next_state)
                 if exhausted and self.failures is not None:
                     await self.failures.compensation_failed(
                         self.rollback_id, item.record, self._events[item.record.event_id], error
                     )
+        await self._read_states(stale)
 
     async def _attempt(self, item: _Item, attempt: int) -> Outcome:
         event = self._events[item.record.event_id]

@@ -696,6 +696,95 @@ class TestConfirmations:
             assert record.state == RollbackState.COMPLETED
             assert len(shop.calls) == 1
 
+    @pytest.mark.parametrize("lands", ["before the claim", "after the claim"])
+    async def test_a_confirmation_told_while_the_run_claims_is_kept(self, lands: str) -> None:
+        # A worker dies while the refund's handler runs: its claim is released
+        # on restart and the compensation is pending again. The service got
+        # the command and confirms while the restarted run writes its claim;
+        # the poll leaves that confirmation out, so the run must keep it.
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
+            paid = await shop.captured_payment()
+            shop.gates[paid.event_id] = asyncio.Event()
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await until(lambda: len(shop.h.sent) == 1, "refund sent")
+            claiming, gate = asyncio.Event(), asyncio.Event()
+            claim = shop.h.ledger.claim
+
+            async def claim_around_the_confirmation(*args: Any, **kwargs: Any) -> Any:
+                if lands == "after the claim":
+                    claimed = await claim(*args, **kwargs)
+                claiming.set()
+                await gate.wait()
+                if lands == "before the claim":
+                    claimed = await claim(*args, **kwargs)
+                return claimed
+
+            shop.h.ledger.claim = claim_around_the_confirmation  # type: ignore[method-assign]
+            await shop.h.crash_and_restart()
+            await until(claiming.is_set, "the restarted run claims the refund")
+            result = await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            assert result.confirmed_keys == [shop.key(paid)]
+            gate.set()
+
+            # Without it the run would hold the refund as running for ever (or
+            # run it again and wait out the hour-long confirmation deadline).
+            record = await shop.h.settle(record.rollback_id, max_fake_seconds=60)
+            assert record.state == RollbackState.COMPLETED
+            assert len(shop.calls) == 1
+            assert await shop.state_of(paid) == S.CONFIRMED
+
+    async def test_a_confirmation_recorded_before_the_run_started_is_read(self) -> None:
+        # The tracker records a confirmation between the plan's save and the
+        # run's start: its engine has no run to tell yet, and the run takes
+        # the plan as saved. The claim finds the refund done; the run must
+        # read why instead of waiting for a poll that leaves it out.
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
+            paid = await shop.captured_payment()
+            save_plan = shop.h.ledger.save_plan
+
+            async def save_then_confirm(*args: Any, **kwargs: Any) -> Any:
+                stored = await save_plan(*args, **kwargs)
+                refunded = shop.h.envelope(
+                    "PaymentRefunded", {}, deployment_id="payments-2", causation_id=shop.key(paid)
+                )
+                assert (await shop.h.emit(refunded)).confirmed_keys == [shop.key(paid)]
+                return stored
+
+            shop.h.ledger.save_plan = save_then_confirm  # type: ignore[method-assign]
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            record = await shop.h.settle(record.rollback_id, max_fake_seconds=60)
+
+            assert record.state == RollbackState.COMPLETED
+            assert shop.calls == []
+            assert await shop.state_of(paid) == S.CONFIRMED
+
+    async def test_a_confirmation_told_while_the_timeout_is_written_is_kept(self) -> None:
+        # The deadline passes and the run records it (applied -> pending); the
+        # late confirmation lands right after, before the run hears back.
+        async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
+            paid, record = await shop.refund_awaiting_confirmation()
+            expiring, gate = asyncio.Event(), asyncio.Event()
+            expire = shop.h.ledger.expire_confirmations
+
+            async def expire_then_wait(*args: Any, **kwargs: Any) -> Any:
+                changed = await expire(*args, **kwargs)
+                expiring.set()
+                await gate.wait()
+                return changed
+
+            shop.h.ledger.expire_confirmations = expire_then_wait  # type: ignore[method-assign]
+            await shop.h.clock.advance(10)
+            await until(expiring.is_set, "the timeout is written")
+            assert await shop.state_of(paid) == S.PENDING
+            result = await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            assert result.confirmed_keys == [shop.key(paid)]
+            gate.set()
+
+            record = await shop.h.settle(record.rollback_id, max_fake_seconds=60)
+            assert record.state == RollbackState.COMPLETED
+            assert len(shop.calls) == 1
+            assert await shop.state_of(paid) == S.CONFIRMED
+
 
 # ------------------------------------------------------------------- pause
 
