@@ -1,9 +1,10 @@
 """The ledger's faster tracking insert means what the plain one meant.
 
-`EventStore.track` on SQLite reads which ids are stored and inserts the rest
-without RETURNING; a race with another writer between the two must fall back
-to the exact RETURNING insert (the contract suite covers the rest, on both
-backends).
+`EventStore.track` on SQLite inserts a batch without RETURNING, reading first
+which ids are stored only while duplicates come; a duplicate it did not read
+(or a race with another writer between the read and the insert) must fall
+back to the exact RETURNING insert (the contract suite covers the rest, on
+both backends).
 """
 
 from __future__ import annotations
@@ -88,6 +89,36 @@ async def test_a_race_between_the_read_and_the_insert_falls_back_to_returning(
     assert [e.event_id for e in result.new_events] == ["y"]
     assert result.duplicates == 1
     assert await ledger.count_events() == 2
+
+
+async def test_the_stored_ids_are_read_only_once_duplicates_come(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_read = tracking_module._stored_event_ids
+    reads: list[list[str]] = []
+
+    async def counted(conn: Any, ids: Any) -> set[str]:
+        reads.append(list(ids))
+        return await real_read(conn, ids)
+
+    monkeypatch.setattr(tracking_module, "_stored_event_ids", counted)
+    # New events only: inserted without reading first.
+    assert len((await ledger.track([_event("a"), _event("b")], now=T0)).new_events) == 2
+    assert len((await ledger.track([_event("c")], now=T0)).new_events) == 1
+    assert reads == []
+    # A duplicate: the insert stores fewer rows than given, the batch is
+    # written again exactly, and the next batch is read first.
+    again = await ledger.track([_event("b"), _event("d")], now=T0)
+    assert ([e.event_id for e in again.new_events], again.duplicates) == (["d"], 1)
+    assert reads == []
+    backlog = await ledger.track([_event("a"), _event("e")], now=T0)
+    assert ([e.event_id for e in backlog.new_events], backlog.duplicates) == (["e"], 1)
+    assert reads == [["a", "e"]]
+    # A batch read first that held no duplicate ends the run of reads.
+    assert len((await ledger.track([_event("f")], now=T0)).new_events) == 1
+    assert len((await ledger.track([_event("g")], now=T0)).new_events) == 1
+    assert reads == [["a", "e"], ["f"]]
+    assert await ledger.count_events() == 7
 
 
 def test_a_prepared_insert_stores_what_sqlalchemy_stores(tmp_path: Path) -> None:
