@@ -229,6 +229,31 @@ def spacing(calls: list[Call]) -> list[float]:
     return [(b.at - a.at).total_seconds() for a, b in itertools.pairwise(calls)]
 
 
+def hold(
+    ledger: Any, name: str, *, before_the_call: bool = False
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the ledger's `name` wait at a gate, after (or before) its real call.
+
+    Returns (reached, gate): `reached` is set when a call waits, setting
+    `gate` lets every call through. Something can then land in between.
+    """
+    reached, gate = asyncio.Event(), asyncio.Event()
+    method = getattr(ledger, name)
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        if before_the_call:
+            reached.set()
+            await gate.wait()
+            return await method(*args, **kwargs)
+        result = await method(*args, **kwargs)
+        reached.set()
+        await gate.wait()
+        return result
+
+    setattr(ledger, name, held)
+    return reached, gate
+
+
 async def until(predicate: Callable[[], Any], message: str) -> None:
     """Wait (real time, briefly) for something the run does without the clock moving."""
     await wait_for(predicate, timeout=5.0, interval=0.002, message=message)
@@ -633,17 +658,7 @@ class TestConfirmations:
         # any item, and its polls leave out what its engine was told of.
         async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
             paid, record = await shop.refund_awaiting_confirmation()
-            read, gate = asyncio.Event(), asyncio.Event()
-            plan_items = shop.h.ledger.plan_items
-
-            async def read_then_wait(*args: Any, **kwargs: Any) -> Any:
-                items = await plan_items(*args, **kwargs)
-                if not read.is_set():
-                    read.set()
-                    await gate.wait()
-                return items
-
-            shop.h.ledger.plan_items = read_then_wait  # type: ignore[method-assign]
+            read, gate = hold(shop.h.ledger, "plan_items")
             await shop.h.crash_and_restart()
             await until(read.is_set, "the restarted run read its plan")
             result = await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
@@ -707,19 +722,9 @@ class TestConfirmations:
             shop.gates[paid.event_id] = asyncio.Event()
             record = await shop.h.rollback(DEPLOYMENT, settle=False)
             await until(lambda: len(shop.h.sent) == 1, "refund sent")
-            claiming, gate = asyncio.Event(), asyncio.Event()
-            claim = shop.h.ledger.claim
-
-            async def claim_around_the_confirmation(*args: Any, **kwargs: Any) -> Any:
-                if lands == "after the claim":
-                    claimed = await claim(*args, **kwargs)
-                claiming.set()
-                await gate.wait()
-                if lands == "before the claim":
-                    claimed = await claim(*args, **kwargs)
-                return claimed
-
-            shop.h.ledger.claim = claim_around_the_confirmation  # type: ignore[method-assign]
+            claiming, gate = hold(
+                shop.h.ledger, "claim", before_the_call=lands == "before the claim"
+            )
             await shop.h.crash_and_restart()
             await until(claiming.is_set, "the restarted run claims the refund")
             result = await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
@@ -763,16 +768,7 @@ class TestConfirmations:
         # late confirmation lands right after, before the run hears back.
         async with Shop(confirm_payment=True, confirm_timeout=10.0) as shop:
             paid, record = await shop.refund_awaiting_confirmation()
-            expiring, gate = asyncio.Event(), asyncio.Event()
-            expire = shop.h.ledger.expire_confirmations
-
-            async def expire_then_wait(*args: Any, **kwargs: Any) -> Any:
-                changed = await expire(*args, **kwargs)
-                expiring.set()
-                await gate.wait()
-                return changed
-
-            shop.h.ledger.expire_confirmations = expire_then_wait  # type: ignore[method-assign]
+            expiring, gate = hold(shop.h.ledger, "expire_confirmations")
             await shop.h.clock.advance(10)
             await until(expiring.is_set, "the timeout is written")
             assert await shop.state_of(paid) == S.PENDING
