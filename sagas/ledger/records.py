@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, overload
 
 from schemas.envelope import EventEnvelope
 
@@ -32,6 +32,14 @@ class CompensationState(StrEnum):
 DONE_STATES = frozenset(
     {CompensationState.APPLIED, CompensationState.CONFIRMED, CompensationState.SKIPPED}
 )
+
+
+@overload
+def as_utc(value: datetime) -> datetime: ...
+
+
+@overload
+def as_utc(value: None) -> None: ...
 
 
 def as_utc(value: datetime | None) -> datetime | None:

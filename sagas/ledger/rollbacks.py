@@ -49,8 +49,8 @@ def rollback_from_row(row: Row[Any]) -> RollbackRecord:
         quarantine_until=as_utc(m["quarantine_until"]),
         traceparent=m["traceparent"],
         tracestate=m["tracestate"],
-        created_at=as_utc(m["created_at"]),  # type: ignore[arg-type]
-        updated_at=as_utc(m["updated_at"]),  # type: ignore[arg-type]
+        created_at=as_utc(m["created_at"]),
+        updated_at=as_utc(m["updated_at"]),
         finished_at=as_utc(m["finished_at"]),
     )
 

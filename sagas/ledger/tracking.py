@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import weakref
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sagas.ledger import tables as t
 from sagas.ledger.dialect import (
     PreparedInsert,
     insert_ignoring_duplicates,
+    recordset_insert,
     state_beside_keys,
     upsert_deployment,
 )
@@ -139,7 +141,7 @@ def event_from_row(row: Row[Any]) -> TrackedEvent:
         service=m["service"],
         service_version=m["service_version"],
         deployment_id=m["deployment_id"],
-        occurred_at=as_utc(m["occurred_at"]),  # type: ignore[arg-type]  # column is NOT NULL
+        occurred_at=as_utc(m["occurred_at"]),
         payload=m["payload"],
         correlation_id=m["correlation_id"],
         causation_id=m["causation_id"],
@@ -170,6 +172,10 @@ class EventStore:
     def _event_insert(self) -> PreparedInsert:
         return PreparedInsert.of(self.engine, t.events, ["event_id"])
 
+    @functools.cached_property
+    def _event_recordset_insert(self) -> str:
+        return recordset_insert(self.engine, t.events, "event_id")
+
     async def track(
         self,
         batch: Sequence[TrackedEvent],
@@ -198,12 +204,10 @@ class EventStore:
         unique: dict[str, TrackedEvent] = {}
         for item in batch:
             unique.setdefault(item.event_id, item)
-        rows = [_event_row(item, now) for item in unique.values()]
         try:
             return await self._track(
                 batch,
                 unique,
-                rows,
                 offsets,
                 now,
                 confirmed_by,
@@ -214,14 +218,13 @@ class EventStore:
         except _Raced:
             self._duplicates_seen = True
             return await self._track(
-                batch, unique, rows, offsets, now, confirmed_by, retrying, returning=True
+                batch, unique, offsets, now, confirmed_by, retrying, returning=True
             )
 
     async def _track(
         self,
         batch: Sequence[TrackedEvent],
         unique: dict[str, TrackedEvent],
-        rows: list[dict[str, Any]],
         offsets: Sequence[TrackedOffset],
         now: datetime,
         confirmed_by: str | None,
@@ -245,7 +248,14 @@ class EventStore:
                     self._duplicates_seen = bool(stored)
                 waiting = await reader.run_sync(_confirmation_types, list(unique.values()))
 
+        rows: list[dict[str, Any]] = []
         fresh: list[tuple[Any, ...]] = []
+        document: str | None = None
+        if self.engine.dialect.name == "postgresql":
+            tracked_at = as_utc(now).isoformat()
+            document = json.dumps([_event_document(item, tracked_at) for item in unique.values()])
+        else:
+            rows = [_event_row(item, now) for item in unique.values()]
         if plain_insert:  # converted before the transaction (see `PreparedInsert`)
             fresh = self._event_insert.rows([r for r in rows if r["event_id"] not in stored])
 
@@ -254,7 +264,10 @@ class EventStore:
             new_ids: set[str] = set()
             if plain_insert:
                 new_ids = _insert_new_sqlite(conn, fresh, self._event_insert)
-            else:
+            elif document is not None:
+                inserted = conn.exec_driver_sql(self._event_recordset_insert, (document,))
+                new_ids = set(inserted.scalars().all())
+            else:  # SQLite's exact retry after `_Raced`
                 for part in chunks(rows, ROW_CHUNK):
                     result = conn.execute(
                         insert_ignoring_duplicates(conn, t.events, ["event_id"]).returning(
@@ -379,8 +392,8 @@ class EventStore:
                 deployment_id=d.deployment_id,
                 service=d.service,
                 service_version=d.service_version,
-                first_event_at=as_utc(d.first_event_at),  # type: ignore[arg-type]
-                last_event_at=as_utc(d.last_event_at),  # type: ignore[arg-type]
+                first_event_at=as_utc(d.first_event_at),
+                last_event_at=as_utc(d.last_event_at),
                 events=sum(by_deployment.get(d.deployment_id, {}).values()),
                 by_type=dict(sorted(by_deployment.get(d.deployment_id, {}).items())),
             )
@@ -548,6 +561,29 @@ def _event_row(item: TrackedEvent, now: datetime) -> dict[str, Any]:
         "traceparent": item.traceparent,
         "tracestate": item.tracestate,
         "tracked_at": now,
+    }
+
+
+def _event_document(item: TrackedEvent, tracked_at: str) -> dict[str, Any]:
+    """An `events` row as a JSON object (`recordset_insert`: the payload as its text)."""
+    return {
+        "event_id": item.event_id,
+        "event_type": item.event_type,
+        "schema_version": item.schema_version,
+        "service": item.service,
+        "service_version": item.service_version,
+        "deployment_id": item.deployment_id,
+        "occurred_at": as_utc(item.occurred_at).isoformat(),
+        "correlation_id": item.correlation_id,
+        "causation_id": item.causation_id,
+        "key": item.key,
+        "payload": json.dumps(item.payload),
+        "topic": item.topic,
+        "partition": item.partition,
+        "offset": item.offset,
+        "traceparent": item.traceparent,
+        "tracestate": item.tracestate,
+        "tracked_at": tracked_at,
     }
 
 

@@ -198,6 +198,50 @@ class LedgerContract:
         assert await ledger.get_event("e1") == stored
         assert await ledger.get_event("nope") is None
 
+    async def test_track_stores_text_exactly_whatever_it_escapes(self, ledger: Ledger) -> None:
+        # PostgreSQL receives a batch as one JSON document (`recordset_insert`):
+        # what JSON escapes must come back as it went in, in columns and payload.
+        awkward = 'quote " backslash \\ slash / \n\t\r \u0001 é 漢 🚀 \\u0041 null'
+        stored = event(
+            f"e-{awkward}",
+            version=2,
+            service=f"svc {awkward}"[:255],
+            deployment=f"dep {awkward}",
+            payload={
+                awkward: [awkward, {"nested": {"deeper": [1, -0.0, 0.1 + 0.2, 2**62, True]}}],
+                "empty": {},
+                "list": [],
+                "null": None,
+                "big": 1e300,
+                # Valid JSON escapes that PostgreSQL refuses to decode.
+                "lone surrogates": "\ud800 \udfff",
+            },
+            correlation_id=awkward,
+            causation=f"c {awkward}",
+            key=awkward,
+            topic=f"t {awkward}",
+            partition=2**31 - 1,
+            offset=2**62,
+            tracestate="k=v,k2=v2",
+        )
+        stored = replace(stored, occurred_at=datetime(2026, 1, 1, 14, 30, 0, 123456, tzinfo=PLUS_2))
+
+        result = await ledger.track([stored], now=at(10))
+
+        assert result.new_events == [stored]
+        back = await ledger.get_event(stored.event_id)
+        assert back is not None
+        assert back.payload == stored.payload
+        assert repr(back.payload) == repr(stored.payload)  # -0.0, float digits, key order
+        assert back == replace(stored, occurred_at=stored.occurred_at.astimezone(UTC))
+        assert back.occurred_at.microsecond == 123456
+        assert await ledger.deployment_ids_for(stored.service, stored.service_version) == [
+            stored.deployment_id
+        ]
+        assert [e.event_id for e in await ledger.events_caused_by([f"c {awkward}"])] == [
+            stored.event_id
+        ]
+
     async def test_track_ignores_duplicates_within_a_batch(self, ledger: Ledger) -> None:
         first = event("e1", 1)
         twin = event("e1", 99, payload={"changed": True})
