@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Table
@@ -121,25 +123,27 @@ def _convert_all(convert: Callable[[Any], Any], values: list[Any]) -> list[Any]:
 _NOTHING = object()
 
 
-def recordset_insert(bound: Bound, table: Table, key: str) -> str:
-    """INSERT a JSON array of rows ON CONFLICT (`key`) DO NOTHING RETURNING `key`,
-    on PostgreSQL: a whole batch as one statement with one parameter.
+def recordset_insert(
+    bound: Bound,
+    table: Table,
+    keys: Sequence[str],
+    columns: Sequence[str],
+    *,
+    returning: str | None = None,
+) -> str:
+    """INSERT a JSON array of rows (`recordset_document`) ON CONFLICT (`keys`)
+    DO NOTHING, on PostgreSQL: a whole batch as one statement with one parameter.
 
-    The rows are objects keyed by column name, times as ISO 8601 text and
-    JSON columns as their JSON text (a string): PostgreSQL decodes every
-    string of the document, and the escape of a lone surrogate, valid in
-    JSON and kept as-is by the `json` type, is refused when decoded.
-
-    SQLAlchemy would send a multi-row INSERT ... RETURNING as pages of 1,000
-    rows of VALUES, each of their 17,000 values bound and processed in
-    Python one by one. Measured for a batch of 2,000 events, the worker's
-    CPU: see docs/benchmarks.md ("What was optimised").
+    SQLAlchemy would send a multi-row INSERT ... RETURNING as pages of rows
+    of VALUES, each value bound and processed in Python one by one (17
+    values per tracked event, 12 per planned compensation). Measured, the
+    worker's CPU: see docs/benchmarks.md ("What was optimised").
     """
     if bound.dialect.name != "postgresql":
         raise NotImplementedError("json_to_recordset is PostgreSQL's")
     quote = bound.dialect.identifier_preparer.quote
     names, values, fields = [], [], []
-    for column in table.c:
+    for column in (table.c[name] for name in columns):
         name = quote(column.name)
         sql_type = column.type.compile(dialect=bound.dialect)
         names.append(name)
@@ -149,11 +153,50 @@ def recordset_insert(bound: Bound, table: Table, key: str) -> str:
         else:
             fields.append(f"{name} {sql_type}")
             values.append(f"r.{name}")
-    return (
+    conflict = ", ".join(quote(key) for key in keys)
+    sql = (
         f"INSERT INTO {quote(table.name)} ({', '.join(names)}) "
         f"SELECT {', '.join(values)} FROM json_to_recordset($1::JSON) AS r({', '.join(fields)}) "
-        f"ON CONFLICT ({quote(key)}) DO NOTHING RETURNING {quote(key)}"
+        f"ON CONFLICT ({conflict}) DO NOTHING"
     )
+    return f"{sql} RETURNING {quote(returning)}" if returning else sql
+
+
+def recordset_document(table: Table, rows: Sequence[dict[str, Any]]) -> str:
+    """`rows` of `table` as the JSON document `recordset_insert` reads.
+
+    Times become ISO 8601 text in UTC, JSON columns their JSON text (a
+    string): PostgreSQL decodes every string of the document it reads, and
+    refuses the escape of a lone surrogate there (valid JSON, which a `json`
+    column itself keeps). The very same time object repeated (a batch's
+    `now`) is converted once.
+    """
+    if not rows:
+        return "[]"
+    converters: dict[str, Callable[[Any], Any]] = {}
+    for name in rows[0]:
+        column_type = table.c[name].type
+        if isinstance(column_type, JSON):
+            converters[name] = json.dumps
+        elif isinstance(column_type, t.UtcDateTime):
+            converters[name] = _utc_text
+    converted_rows = [dict(row) for row in rows]
+    for name, convert in converters.items():
+        previous: Any = _NOTHING
+        converted: Any = None
+        for row in converted_rows:
+            value = row[name]
+            if value is not previous:
+                previous = value
+                converted = None if value is None else convert(value)
+            row[name] = converted
+    return json.dumps(converted_rows)
+
+
+def _utc_text(value: datetime) -> str:
+    """ISO 8601 in UTC (a naive time is taken as UTC, as everywhere in the ledger)."""
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return utc.isoformat()
 
 
 def state_beside_keys(conn: Bound) -> Any:

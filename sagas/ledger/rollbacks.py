@@ -13,7 +13,13 @@ from sqlalchemy.sql import Select
 
 from sagas.errors import LedgerError
 from sagas.ledger import tables as t
-from sagas.ledger.dialect import PreparedInsert, insert_ignoring_duplicates, state_beside_keys
+from sagas.ledger.dialect import (
+    PreparedInsert,
+    insert_ignoring_duplicates,
+    recordset_document,
+    recordset_insert,
+    state_beside_keys,
+)
 from sagas.ledger.records import (
     CompensationRecord,
     CompensationState,
@@ -709,21 +715,22 @@ def _insert_items(
         )
         conn.exec_driver_sql(plan.sql, plan.rows(item_rows))
     else:
-        inserted = 0
-        statement = insert_ignoring_duplicates(conn, t.compensations, ["idempotency_key"])
-        for part in chunks(compensation_rows):
-            # asyncpg reports no row count for an executemany.
-            result = conn.execute(
-                statement.returning(t.compensations.c.idempotency_key), list(part)
-            )
-            inserted += len(result.scalars().all())
-        for part in chunks(item_rows):
-            conn.execute(
-                insert_ignoring_duplicates(
-                    conn, t.rollback_items, ["rollback_id", "idempotency_key"]
-                ),
-                list(part),
-            )
+        # One statement each, the rows as one JSON document (`recordset_insert`).
+        compensations_sql = recordset_insert(
+            conn,
+            t.compensations,
+            ["idempotency_key"],
+            list(compensation_rows[0]),
+            returning="idempotency_key",
+        )
+        result = conn.exec_driver_sql(
+            compensations_sql, (recordset_document(t.compensations, compensation_rows),)
+        )
+        inserted = len(result.scalars().all())
+        plan_sql = recordset_insert(
+            conn, t.rollback_items, ["rollback_id", "idempotency_key"], list(item_rows[0])
+        )
+        conn.exec_driver_sql(plan_sql, (recordset_document(t.rollback_items, item_rows),))
     if inserted == len(items):
         return inserted  # all new: none of them failed before
     # A new plan covering a compensation that failed before is the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import weakref
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from sagas.ledger import tables as t
 from sagas.ledger.dialect import (
     PreparedInsert,
     insert_ignoring_duplicates,
+    recordset_document,
     recordset_insert,
     state_beside_keys,
     upsert_deployment,
@@ -174,7 +174,8 @@ class EventStore:
 
     @functools.cached_property
     def _event_recordset_insert(self) -> str:
-        return recordset_insert(self.engine, t.events, "event_id")
+        columns = [column.name for column in t.events.c]
+        return recordset_insert(self.engine, t.events, ["event_id"], columns, returning="event_id")
 
     async def track(
         self,
@@ -248,14 +249,11 @@ class EventStore:
                     self._duplicates_seen = bool(stored)
                 waiting = await reader.run_sync(_confirmation_types, list(unique.values()))
 
-        rows: list[dict[str, Any]] = []
+        rows = [_event_row(item, now) for item in unique.values()]
         fresh: list[tuple[Any, ...]] = []
         document: str | None = None
         if self.engine.dialect.name == "postgresql":
-            tracked_at = as_utc(now).isoformat()
-            document = json.dumps([_event_document(item, tracked_at) for item in unique.values()])
-        else:
-            rows = [_event_row(item, now) for item in unique.values()]
+            document = recordset_document(t.events, rows)
         if plain_insert:  # converted before the transaction (see `PreparedInsert`)
             fresh = self._event_insert.rows([r for r in rows if r["event_id"] not in stored])
 
@@ -561,29 +559,6 @@ def _event_row(item: TrackedEvent, now: datetime) -> dict[str, Any]:
         "traceparent": item.traceparent,
         "tracestate": item.tracestate,
         "tracked_at": now,
-    }
-
-
-def _event_document(item: TrackedEvent, tracked_at: str) -> dict[str, Any]:
-    """An `events` row as a JSON object (`recordset_insert`: the payload as its text)."""
-    return {
-        "event_id": item.event_id,
-        "event_type": item.event_type,
-        "schema_version": item.schema_version,
-        "service": item.service,
-        "service_version": item.service_version,
-        "deployment_id": item.deployment_id,
-        "occurred_at": as_utc(item.occurred_at).isoformat(),
-        "correlation_id": item.correlation_id,
-        "causation_id": item.causation_id,
-        "key": item.key,
-        "payload": json.dumps(item.payload),
-        "topic": item.topic,
-        "partition": item.partition,
-        "offset": item.offset,
-        "traceparent": item.traceparent,
-        "tracestate": item.tracestate,
-        "tracked_at": tracked_at,
     }
 
 

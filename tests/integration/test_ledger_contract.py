@@ -526,6 +526,38 @@ class LedgerContract:
         assert record.updated_at == at(1)
         assert record.finished_at is None
 
+    async def test_save_plan_stores_text_exactly_whatever_it_escapes(self, ledger: Ledger) -> None:
+        # PostgreSQL receives a plan as one JSON document (`recordset_insert`).
+        awkward = 'quote " backslash \\ \n 漢 🚀 \\u0041'
+        await add_rollback(ledger, "rb-1", state="planning")
+        planned = [
+            replace(
+                item(f"k1 {awkward}", 0, confirm=f"Cancelled {awkward}"),
+                saga=f"saga {awkward}",
+                step=f"step {awkward}",
+                correlation_id=awkward,
+                event_id=f"e {awkward}",
+            ),
+            item("k2", 1, depends_on=[f"k1 {awkward}", awkward]),
+        ]
+
+        stored = await ledger.save_plan(
+            "rb-1", planned, manual=[], uncovered=[], state="running", now=at(1)
+        )
+
+        plan = await ledger.plan_items("rb-1")
+        assert stored == plan
+        first, second = plan
+        assert first.idempotency_key == f"k1 {awkward}"
+        assert (first.saga, first.step) == (f"saga {awkward}", f"step {awkward}")
+        assert (first.correlation_id, first.event_id) == (awkward, f"e {awkward}")
+        assert first.confirm_type == f"Cancelled {awkward}"
+        assert second.depends_on == (f"k1 {awkward}", awkward)
+        assert [(p.state, p.attempts, p.position) for p in plan] == [
+            (S.PENDING, 0, 0),
+            (S.PENDING, 0, 1),
+        ]
+
     async def test_a_large_plan_refreshes_postgresql_statistics_only(self, ledger: Ledger) -> None:
         # PostgreSQL plans a rollback's statements by statistics, which a
         # fresh plan makes stale; SQLite's plans are kept as they are (its
