@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Table
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.expression import func
 
 from sagas.ledger import tables as t
+from sagas.ledger.records import as_utc
 
 # What a statement is built for: anything that knows its dialect.
 Bound = Connection | AsyncConnection | AsyncEngine
@@ -195,8 +196,7 @@ def recordset_document(table: Table, rows: Sequence[dict[str, Any]]) -> str:
 
 def _utc_text(value: datetime) -> str:
     """ISO 8601 in UTC (a naive time is taken as UTC, as everywhere in the ledger)."""
-    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return utc.isoformat()
+    return as_utc(value).isoformat()
 
 
 def state_beside_keys(conn: Bound) -> Any:

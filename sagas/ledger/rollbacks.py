@@ -29,7 +29,13 @@ from sagas.ledger.records import (
     RollbackRecord,
     as_utc,
 )
-from sagas.ledger.tracking import LOOKUP_CHUNK, chunks, one_of, write_transaction
+from sagas.ledger.tracking import (
+    DOCUMENT_ROWS,
+    LOOKUP_CHUNK,
+    chunks,
+    one_of,
+    write_transaction,
+)
 from sagas.ledger.writer import LedgerWriter
 
 S = CompensationState
@@ -715,7 +721,7 @@ def _insert_items(
         )
         conn.exec_driver_sql(plan.sql, plan.rows(item_rows))
     else:
-        # One statement each, the rows as one JSON document (`recordset_insert`).
+        # The rows as JSON documents, one statement each (`recordset_insert`).
         compensations_sql = recordset_insert(
             conn,
             t.compensations,
@@ -723,14 +729,16 @@ def _insert_items(
             list(compensation_rows[0]),
             returning="idempotency_key",
         )
-        result = conn.exec_driver_sql(
-            compensations_sql, (recordset_document(t.compensations, compensation_rows),)
-        )
-        inserted = len(result.scalars().all())
+        inserted = 0
+        for part in chunks(compensation_rows, DOCUMENT_ROWS):
+            document = recordset_document(t.compensations, part)
+            result = conn.exec_driver_sql(compensations_sql, (document,))
+            inserted += len(result.scalars().all())
         plan_sql = recordset_insert(
             conn, t.rollback_items, ["rollback_id", "idempotency_key"], list(item_rows[0])
         )
-        conn.exec_driver_sql(plan_sql, (recordset_document(t.rollback_items, item_rows),))
+        for part in chunks(item_rows, DOCUMENT_ROWS):
+            conn.exec_driver_sql(plan_sql, (recordset_document(t.rollback_items, part),))
     if inserted == len(items):
         return inserted  # all new: none of them failed before
     # A new plan covering a compensation that failed before is the

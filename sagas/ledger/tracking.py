@@ -45,6 +45,10 @@ CHUNK = 500
 LOOKUP_CHUNK = 5000
 # Rows of `events` per multi-row INSERT: 17 columns x 1,000 = 17,000 values.
 ROW_CHUNK = 1000
+# Rows per JSON document of a PostgreSQL bulk insert (`recordset_insert`):
+# a tracker batch is one; a plan of 100,000 compensations ten, so that its
+# text (~300 bytes a row) stays a few MB in memory at a time.
+DOCUMENT_ROWS = 10_000
 
 
 class WriteTurns(asyncio.Lock):

@@ -24,6 +24,7 @@ from sagas.ledger import (
     Outcome,
     TrackedEvent,
     TrackedOffset,
+    rollbacks,
 )
 from sagas.ledger.rollbacks import ANALYZE_AFTER_PLAN
 
@@ -556,6 +557,37 @@ class LedgerContract:
         assert [(p.state, p.attempts, p.position) for p in plan] == [
             (S.PENDING, 0, 0),
             (S.PENDING, 0, 1),
+        ]
+
+    async def test_a_plan_written_in_parts_counts_what_is_new_across_them(
+        self, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # PostgreSQL writes a plan as JSON documents of DOCUMENT_ROWS rows each;
+        # whether every compensation was new decides if the run may start
+        # from the plan as planned, so the count must hold across the parts.
+        monkeypatch.setattr(rollbacks, "DOCUMENT_ROWS", 3)
+        await add_rollback(ledger, "rb-1", state="planning")
+        await add_rollback(ledger, "rb-2", state="planning")
+        first = [item(f"k{n}", n) for n in range(8)]
+
+        stored = await ledger.save_plan(
+            "rb-1", first, manual=[], uncovered=[], state="running", now=at(1)
+        )
+        again = await ledger.save_plan(
+            "rb-2",
+            [item(f"k{n}", n) for n in range(6, 10)],  # k6 and k7 are known already
+            manual=[],
+            uncovered=[],
+            state="running",
+            now=at(2),
+        )
+
+        assert stored is not None
+        assert [c.idempotency_key for c in stored] == [f"k{n}" for n in range(8)]
+        assert again is None
+        plan = await ledger.plan_items("rb-2")
+        assert [(p.idempotency_key, p.position) for p in plan] == [
+            (f"k{n}", n) for n in range(6, 10)
         ]
 
     async def test_a_large_plan_refreshes_postgresql_statistics_only(self, ledger: Ledger) -> None:
