@@ -178,25 +178,25 @@ def recordset_document(table: Table, rows: Sequence[dict[str, Any]]) -> str:
     for name in rows[0]:
         column_type = table.c[name].type
         if isinstance(column_type, JSON):
-            converters[name] = json.dumps
+            converters[name] = _json_text
         elif isinstance(column_type, t.UtcDateTime):
             converters[name] = _utc_text
     converted_rows = [dict(row) for row in rows]
     for name, convert in converters.items():
-        previous: Any = _NOTHING
-        converted: Any = None
-        for row in converted_rows:
-            value = row[name]
-            if value is not previous:
-                previous = value
-                converted = None if value is None else convert(value)
-            row[name] = converted
+        values = _convert_all(convert, [row[name] for row in converted_rows])
+        for row, value in zip(converted_rows, values, strict=True):
+            row[name] = value
     return json.dumps(converted_rows)
 
 
-def _utc_text(value: datetime) -> str:
+def _json_text(value: Any) -> str | None:
+    """A JSON column's value as its JSON text; SQL NULL stays NULL."""
+    return None if value is None else json.dumps(value)
+
+
+def _utc_text(value: datetime | None) -> str | None:
     """ISO 8601 in UTC (a naive time is taken as UTC, as everywhere in the ledger)."""
-    return as_utc(value).isoformat()
+    return None if value is None else as_utc(value).isoformat()
 
 
 def state_beside_keys(conn: Bound) -> Any:
