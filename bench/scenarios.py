@@ -31,13 +31,16 @@ from bench.procs import (
     Worker,
     broker,
     child_env,
+    cpu_seconds,
     database,
+    machine_cpu_seconds,
     peak_rss_mb,
     postgres_available,
     run_json,
 )
 from bench.report import Row
 from bench.workload import Workload, create_topics, envelopes, produce
+from consumers.broker import EmbeddedBroker
 from consumers.client import signal_record
 from schemas.signal import RollbackSignal
 
@@ -196,13 +199,13 @@ class Bench:
                 for size in self.sizes.rollback:
                     per_size[size] = []
                     for run in range(self.runs):
-                        result = await self._rollback_run(kafka.bootstrap, kind, size)
+                        result = await self._rollback_run(kafka, kind, size)
                         per_size[size].append(result)
                         self.log(
                             f"rollback {kind} {size:,} run {run + 1}/{self.runs}: applied in "
                             f"{result['applied_s']:.2f}s, confirmed in {result['confirmed_s']:.2f}s"
                             f" ({size / result['applied_s']:,.0f}/s), raw "
-                            f"{result['raw_rate']:,.0f}/s"
+                            f"{result['raw_rate']:,.0f}/s; {_cpu_summary(result)}"
                         )
                 self._rollback_rows(kind, per_size)
 
@@ -245,6 +248,19 @@ class Bench:
                     higher_is_better=False,
                 )
             )
+            for name in ("worker", "services", "broker"):
+                spent = [r[f"{name}_cpu_us"] for r in results if f"{name}_cpu_us" in r]
+                if spent:
+                    self.rows.append(
+                        Row(
+                            "rollback",
+                            case,
+                            f"{name} CPU per compensation (signal -> end)",
+                            "us",
+                            values=spent,
+                            higher_is_better=False,
+                        )
+                    )
             trips = [r["round_trip_ms"] for r in results if r["round_trip_ms"] >= 0]
             self.rows.append(
                 Row(
@@ -277,7 +293,8 @@ class Bench:
                 )
             )
 
-    async def _rollback_run(self, bootstrap: str, kind: str, size: int) -> dict[str, float]:
+    async def _rollback_run(self, kafka: EmbeddedBroker, kind: str, size: int) -> dict[str, float]:
+        bootstrap = kafka.bootstrap
         workload = Workload(self._prefix("undo"))
         await create_topics(bootstrap, workload.event_topics + workload.command_topics)
         await produce(bootstrap, envelopes(workload, size))
@@ -301,14 +318,25 @@ class Bench:
             timeout=120 + size / 100,
         )
         async with database(kind, self.workdir) as db:
-            result = await self.undo(bootstrap, db, workload, size)
+            result = await self.undo(bootstrap, db, workload, size, broker_pid=kafka.pid)
         result["raw_rate"] = raw["events"] / raw["seconds"]
         return result
 
     async def undo(
-        self, bootstrap: str, db: Database, workload: Workload, size: int
+        self,
+        bootstrap: str,
+        db: Database,
+        workload: Workload,
+        size: int,
+        *,
+        broker_pid: int | None = None,
     ) -> dict[str, float]:
-        """Track `size` events (not timed), then time one rollback of them."""
+        """Track `size` events (not timed), then time one rollback of them.
+
+        Also measures the CPU time used from the signal to the rollback's end,
+        per compensation, by the worker, the fake services and the broker
+        (when `broker_pid` is given), and how busy the whole machine was.
+        """
         services = Child(
             [
                 sys.executable,
@@ -342,9 +370,14 @@ class Bench:
                 issued_at=datetime.now(UTC),
             )
             key, value, headers = signal_record(signal, None)
+            pids = {"worker": worker.pid, "services": services.pid, "broker": broker_pid}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            machine_before = machine_cpu_seconds()
             published = datetime.now(UTC)
             await producer.send_and_wait("backout.rollbacks", value, key=key, headers=headers)
             state = await probe.wait_terminal(signal.signal_id, worker, timeout=120 + size / 50)
+            cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            machine_after = machine_cpu_seconds()
             services.check_alive("bench services")
             times = await probe.compensation_times()
             if state != "completed" or times["states"].get("confirmed", 0) != size:
@@ -354,12 +387,20 @@ class Bench:
             applied = (times["last_applied"] - published).total_seconds()
             confirmed = (times["last_confirmed"] - published).total_seconds()
             trip = times["round_trip_median"]
-            return {
+            result = {
                 "applied_s": applied,
                 "confirmed_s": confirmed,
                 "round_trip_ms": trip * 1000 if trip is not None else -1.0,
                 "peak_rss_mb": peak_rss_mb(worker.pid) or 0.0,
+                # Busy ÷ total over the rollback, all cores together (1.0 = all busy).
+                "machine_busy": (machine_after[0] - machine_before[0])
+                / max(machine_after[1] - machine_before[1], 1e-9),
             }
+            for name in pids:
+                before, after = cpu_before[name], cpu_after[name]
+                if before is not None and after is not None:
+                    result[f"{name}_cpu_us"] = (after - before) / size * 1e6
+            return result
         finally:
             # Each step on its own: one failing must not leave a process behind.
             with contextlib.suppress(Exception):
@@ -390,6 +431,7 @@ class Bench:
                 "--rate",
                 os.environ.get("BENCH_PROFILE_RATE", "100"),
                 "--nonblocking",
+                "--threads",
                 "--output",
                 str(out),
             ],
@@ -544,6 +586,16 @@ def _dbos_missing() -> str | None:
 
 def _label(kind: str) -> str:
     return "SQLite" if kind == "sqlite" else "PostgreSQL"
+
+
+def _cpu_summary(result: dict[str, float]) -> str:
+    """CPU per compensation by process, and how busy the machine was, for the log."""
+    spent = ", ".join(
+        f"{name} {result[f'{name}_cpu_us']:.0f}"
+        for name in ("worker", "services", "broker")
+        if f"{name}_cpu_us" in result
+    )
+    return f"CPU us/compensation: {spent}; machine {result['machine_busy']:.0%} busy"
 
 
 def summary(values: list[float]) -> dict[str, Any]:
