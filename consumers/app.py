@@ -14,6 +14,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from consumers.faust_transport import Transport
 from consumers.runtime import Runtime
 from consumers.settings import Settings
 from consumers.web import WebServer
@@ -22,6 +23,14 @@ from sagas.registry import SagaRegistry
 log = logging.getLogger(__name__)
 
 _RUNTIME_ATTRIBUTE = "backout_runtime"
+
+
+class _App(faust.App):
+    """A faust app whose Kafka consumer waits at most 100 ms per fetch
+    (`consumers.faust_transport`); the broker URL is always `kafka://`."""
+
+    def _new_transport(self) -> Any:
+        return Transport(self.conf.broker_consumer, self)
 
 
 def create_app(
@@ -34,7 +43,7 @@ def create_app(
         registry: sagas to use instead of loading `settings.sagas` (tests).
     """
     settings = settings or Settings()
-    app = faust.App(
+    app = _App(
         settings.app_id,
         broker=settings.faust_broker,
         store="memory://",
