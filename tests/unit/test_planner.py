@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from sagas.definition import Saga
@@ -439,6 +441,18 @@ class TestIdempotencyKeys:
         parsed = uuid.UUID(key)
         assert parsed.version == 5
         assert key == str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, "event-1\x1fcheckout.refund"))
+
+    @given(event_id=st.text(max_size=300), step=st.text(max_size=100))
+    def test_key_is_exactly_uuid5_for_any_text(self, event_id: str, step: str) -> None:
+        # Computed without `uuid.UUID`; keys already stored in ledgers must
+        # stay what `uuid.uuid5` made them.
+        try:
+            expected = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{event_id}\x1f{step}"))
+        except UnicodeEncodeError:  # a lone surrogate: neither can encode it
+            with pytest.raises(UnicodeEncodeError):
+                idempotency_key(event_id, step)
+            return
+        assert idempotency_key(event_id, step) == expected
 
     def test_key_is_deterministic(self) -> None:
         assert idempotency_key("event-1", "checkout.refund") == idempotency_key(
