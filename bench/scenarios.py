@@ -203,7 +203,7 @@ class Bench:
                     # broker, the 1,000-event PostgreSQL runs that came after
                     # ~1,000,000 records of SQLite runs took 0.70-0.79 s, the
                     # broker using 70-90 us of CPU per compensation; on a fresh
-                    # one, 0.32-0.38 s and 30-40 us.
+                    # one, 0.32-0.38 s and 30-50 us.
                     with broker(self.workdir) as kafka:
                         result = await self._rollback_run(kafka, kind, size)
                     per_size[size].append(result)

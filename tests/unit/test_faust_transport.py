@@ -7,7 +7,10 @@ delivers a rollback signal up to 1.5 s late (see `consumers.faust_transport`).
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from consumers.app import create_app
 from consumers.faust_transport import FETCH_MAX_WAIT_MS, Transport
@@ -28,3 +31,17 @@ async def test_the_agents_consumer_is_built_with_the_bounded_fetch_wait(
         assert consumer._enable_auto_commit is False
     finally:
         await consumer.stop()
+
+
+async def test_aiokafka_builds_its_fetcher_from_the_attribute_that_is_set() -> None:
+    # The transport sets aiokafka's private `_fetch_max_wait_ms` after faust
+    # built the consumer and before faust starts it; this is where a newer
+    # aiokafka could stop reading it.
+    plain = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=123)
+    try:
+        assert plain._fetch_max_wait_ms == 123
+        assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(
+            AIOKafkaConsumer.start
+        )
+    finally:
+        await plain.stop()
