@@ -29,10 +29,10 @@ from sagas.errors import CompensationError, LedgerError, PermanentError
 from sagas.ledger import CompensationState, Counts, RollbackRecord, TrackResult
 from sagas.planner import idempotency_key
 from sagas.retry import RetryPolicy
-from sagas.testing import SagaTestHarness, tracked
+from sagas.testing import RecordingStatus, SagaTestHarness, tracked
 from schemas.envelope import EventEnvelope
 from schemas.headers import IDEMPOTENCY_KEY_HEADER
-from schemas.status import RollbackState
+from schemas.status import RollbackState, RollbackStatus
 from tests.support.waiting import wait_for
 
 S = CompensationState
@@ -55,6 +55,26 @@ class Call:
     at: datetime
     rollback_id: str
     event: Any
+
+
+class HeldStatus(RecordingStatus):
+    """Keeps status records; non-final ones only once `gate` is open, and
+    those whose state is in `fail` it refuses (a broker away)."""
+
+    def __init__(self, fail: set[RollbackState] | None = None) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.fail = fail or set()
+        self.waiting = 0
+
+    async def publish(self, status: RollbackStatus) -> None:
+        if status.state in self.fail:
+            raise ConnectionError("broker away")
+        if not status.state.is_terminal:
+            self.waiting += 1
+            await self.gate.wait()
+            self.waiting -= 1
+        await super().publish(status)
 
 
 @dataclass
@@ -1085,6 +1105,48 @@ class TestSignals:
             final = shop.h.statuses.records[-1]
             assert (final.planned, final.applied, final.error) == (3, 3, None)
             assert final.deployment_id == DEPLOYMENT
+
+    async def test_compensations_start_before_the_broker_has_the_first_records(self) -> None:
+        # `accepted`, `planning`, `running` and progress records are sent
+        # without waiting for the broker; they still arrive in order, the
+        # final record last.
+        async with Shop() as shop:
+            held = HeldStatus()
+            shop.h.statuses = held
+            shop.h.engine.status = held
+            await shop.checkout("c1")
+            # Waiting for the broker to take `accepted` would wait for the gate.
+            record = await asyncio.wait_for(shop.h.rollback(DEPLOYMENT, settle=False), 10)
+            await wait_for(lambda: len(shop.h.sent) == 3, message="all three commands sent")
+            assert held.records == []
+            assert held.waiting == 1  # the others queue behind `accepted`
+            held.gate.set()
+            record = await shop.h.settle(record.rollback_id)
+            assert record.state == RollbackState.COMPLETED
+            assert held.states(record.rollback_id) == [
+                RollbackState.ACCEPTED,
+                RollbackState.PLANNING,
+                RollbackState.RUNNING,
+                RollbackState.COMPLETED,
+            ]
+
+    async def test_a_record_that_cannot_be_sent_does_not_stop_the_rollback(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async with Shop() as shop:
+            failing = HeldStatus(fail={RollbackState.PLANNING})
+            failing.gate.set()
+            shop.h.statuses = failing
+            shop.h.engine.status = failing
+            await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.COMPLETED
+            assert failing.states(record.rollback_id) == [
+                RollbackState.ACCEPTED,
+                RollbackState.RUNNING,
+                RollbackState.COMPLETED,
+            ]
+            assert "a status record was not sent: broker away" in caplog.text
 
     async def test_progress_counts_of_a_run_are_the_ledger_counts(self) -> None:
         # Progress records count the plan from the run's memory (counting a
