@@ -57,7 +57,8 @@ class Ledger(EventStore, RollbackStore):
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
-        """Release every connection."""
+        """Release every connection (after the ANALYZE of a large plan, if one runs)."""
+        await self.statistics_refreshed()
         await self.writer.close()
         await self.engine.dispose()
 

@@ -604,9 +604,14 @@ class LedgerContract:
             state="running",
             now=T0,
         )
+        postgresql = ledger.engine.dialect.name == "postgresql"
+        # In the background: the plan's run need not wait for it.
+        assert ledger.refreshing_statistics == postgresql
+        await ledger.statistics_refreshed()
+        assert not ledger.refreshing_statistics
 
         async with ledger.engine.connect() as conn:
-            if ledger.engine.dialect.name == "postgresql":
+            if postgresql:
                 estimated = await conn.exec_driver_sql(
                     "SELECT relname, reltuples FROM pg_class"
                     " WHERE relname IN ('compensations', 'rollback_items')"
