@@ -484,6 +484,8 @@ class RollbackRun:
         if not self._blocking_changed:
             return
         self._blocking_changed = False
+        if not (self._by_state[S.FAILED] or self._by_state[S.BLOCKED]):
+            return  # nothing to block on, nothing blocked (a new plan: no scan)
         to_block = [
             k for k, i in self._items.items() if i.state == S.PENDING and self._dependency_failed(i)
         ]
