@@ -86,7 +86,8 @@ class LedgerProbe:
             await asyncio.sleep(0.05)
 
     async def compensation_times(self) -> dict[str, Any]:
-        """Latest applied/confirmed times, counts, and applied→confirmed round trips."""
+        """First and latest applied, latest confirmed times, counts, and
+        applied→confirmed round trips."""
         c = t.compensations.c
         async with self.engine.connect() as conn:
             rows = (
@@ -109,6 +110,7 @@ class LedgerProbe:
         round_trips.sort()
         return {
             "states": states,
+            "first_applied": min(applied) if applied else None,
             "last_applied": max(applied) if applied else None,
             "last_confirmed": max(confirmed) if confirmed else None,
             "created": as_utc(created),

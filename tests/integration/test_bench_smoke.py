@@ -48,11 +48,17 @@ def test_the_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
     for metric in (
         "events/s into the ledger",
         "compensations/s (signal -> all applied)",
+        "signal -> first compensation applied",
         "signal -> all confirmed",
         "worker peak RSS (VmHWM)",
         "compensations/s vs DBOS workflows",
     ):
         assert metric in metrics, f"no {metric!r} row in:\n{table}"
+    by_case_metric = {(row["case"], row["metric"]): row["values"] for row in rows}
+    for (case, metric), first in by_case_metric.items():
+        if metric == "signal -> first compensation applied":
+            last = by_case_metric[(case, "signal -> all applied")]
+            assert all(f <= a for f, a in zip(first, last, strict=True)), (case, first, last)
     by_scenario = {row["scenario"] for row in rows}
     assert by_scenario == {"tracking", "rollback", "memory", "peer"}
     for row in rows:
