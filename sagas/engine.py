@@ -280,8 +280,18 @@ class RollbackEngine:
         if signal.deployment_id is None:
             await self.ledger.set_deployment_of(rollback_id, radius.deployment_id)
         # A dry run's `planned` is its final record; `running` is followed by
-        # progress records and a final one, each sent after it.
-        await self._publish(rollback_id, wait=signal.dry_run)
+        # progress records and a final one, each sent after it. When every
+        # compensation is new the plan's counts are known without counting
+        # it in the ledger (~120 ms at 100,000 compensations).
+        counts = None
+        if stored is not None:
+            counts = Counts.from_states(
+                {CompensationState.PENDING: len(stored)},
+                late=0,
+                manual=len(plan.manual),
+                uncovered=len(plan.uncovered),
+            )
+        await self._publish(rollback_id, wait=signal.dry_run, counts=counts)
         if not signal.dry_run:
             # The run starts from what was just written instead of reading
             # it back: the events the plan was made from (tracked events never
@@ -694,24 +704,28 @@ class RollbackEngine:
 
     # -- status ------------------------------------------------------------------------
 
-    async def status_of(self, rollback_id: str, run: RollbackRun | None = None) -> RollbackStatus:
+    async def status_of(
+        self, rollback_id: str, run: RollbackRun | None = None, *, counts: Counts | None = None
+    ) -> RollbackStatus:
         """The current status record of a rollback.
 
-        Counts come from the ledger, or from `run` while it runs (its view
-        lags the ledger by at most one poll; a final status is always counted
-        in the ledger).
+        Counts are `counts` when given, else from `run` while it runs (its
+        view lags the ledger by at most one poll), else from the ledger (a
+        final status is always counted in the ledger).
         """
         record = await self.ledger.require_rollback(rollback_id)
-        if run is not None:
+        if counts is None and run is not None:
             counts = run.counts(manual=len(record.manual), uncovered=len(record.uncovered))
-        else:
+        if counts is None:
             counts = await self.ledger.counts(rollback_id)
         return rollback_status(record, counts, updated_at=self.clock.now())
 
-    async def _publish(self, rollback_id: str, *, wait: bool = True) -> None:
+    async def _publish(
+        self, rollback_id: str, *, wait: bool = True, counts: Counts | None = None
+    ) -> None:
         if self.status is None:
             return
-        await self._send(await self.status_of(rollback_id), wait=wait)
+        await self._send(await self.status_of(rollback_id, counts=counts), wait=wait)
 
     async def _send(self, status: RollbackStatus, *, wait: bool = True) -> None:
         """Send a status record after the rollback's previous one.

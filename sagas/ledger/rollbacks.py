@@ -40,11 +40,11 @@ from sagas.ledger.tracking import (
 )
 from sagas.ledger.writer import LedgerWriter
 
+log = logging.getLogger(__name__)
+
 S = CompensationState
 # Plans of at least this many compensations refresh PostgreSQL's statistics.
 ANALYZE_AFTER_PLAN = 1000
-
-log = logging.getLogger(__name__)
 ACTIVE_ROLLBACK_STATES = ("accepted", "planning", "running", "paused")
 _Columns = TypeVarTuple("_Columns")
 

@@ -1198,6 +1198,14 @@ class TestSignals:
             ]
             final = shop.h.statuses.records[-1]
             assert (final.applied, final.manual, final.uncovered) == (3, 1, 0)
+            # Counted from the plan as planned, without the ledger: the same counts.
+            running = next(r for r in shop.h.statuses.records if r.state == RollbackState.RUNNING)
+            assert (running.planned, running.applied, running.manual, running.uncovered) == (
+                3,
+                0,
+                1,
+                0,
+            )
             (note,) = record.manual
             assert note["event_id"] == emailed.event_id
             assert note["detail"] == "Apologise to the customer by e-mail"
