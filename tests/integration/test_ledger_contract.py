@@ -214,6 +214,7 @@ class LedgerContract:
                 "list": [],
                 "null": None,
                 "big": 1e300,
+                "beyond 64 bits": -(2**70),
                 # Valid JSON escapes that PostgreSQL refuses to decode.
                 "lone surrogates": "\ud800 \udfff",
             },
@@ -242,6 +243,24 @@ class LedgerContract:
         assert [e.event_id for e in await ledger.events_caused_by([f"c {awkward}"])] == [
             stored.event_id
         ]
+
+    async def test_track_stores_a_payload_orjson_encodes_exactly(self, ledger: Ledger) -> None:
+        # Without lone surrogates or integers beyond 64 bits, PostgreSQL's
+        # documents are written by orjson (UTF-8, no escapes), not `json`.
+        awkward = 'quote " backslash \\ \n\t \u0001 é 漢 🚀 \\u0041'
+        payload = {
+            awkward: [awkward, {"deeper": [1, -0.0, 0.1 + 0.2, 2**63 - 1, -(2**63), False]}],
+            "small": 5e-324,
+            "big": 1.7976931348623157e308,
+            "null": None,
+        }
+        stored = event("e-orjson", payload=payload)
+
+        await ledger.track([stored], now=at(10))
+
+        back = await ledger.get_event(stored.event_id)
+        assert back is not None
+        assert repr(back.payload) == repr(payload)  # -0.0, float digits, key order
 
     async def test_track_ignores_duplicates_within_a_batch(self, ledger: Ledger) -> None:
         first = event("e1", 1)

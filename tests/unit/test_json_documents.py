@@ -1,0 +1,65 @@
+"""PostgreSQL's bulk writes encode JSON with orjson, else the standard library.
+
+`sagas.ledger.dialect._json` must give text that decodes to the very value
+`json.dumps` would have written, for anything JSON can hold: lone
+surrogates and integers beyond 64 bits go to the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sagas.ledger.dialect import _json
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()  # beyond 64 bits as well
+    | st.floats(allow_nan=False, allow_infinity=False)  # -0.0, subnormals, 1e308
+    | st.text(),  # lone surrogates as well
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(JSON_VALUES)
+def test_the_text_decodes_to_what_the_standard_library_writes(value: Any) -> None:
+    text = _json(value)
+    # repr: -0.0 stays -0.0, floats keep their digits, keys their order.
+    assert repr(json.loads(text)) == repr(json.loads(json.dumps(value)))
+
+
+def test_orjson_writes_what_it_can() -> None:
+    # No spaces, UTF-8 instead of escapes: the orjson path, not the fallback.
+    assert _json({"a": ["é", 1.5, None]}) == '{"a":["é",1.5,null]}'
+
+
+def test_what_orjson_refuses_and_json_allows_goes_to_the_standard_library() -> None:
+    assert _json({"s": "\ud800"}) == json.dumps({"s": "\ud800"})
+    assert _json([2**64]) == json.dumps([2**64])
+
+
+class Colour(StrEnum):
+    RED = "red"
+
+
+@dataclass
+class Point:
+    x: int
+
+
+def test_values_the_standard_library_refuses_stay_refused() -> None:
+    assert json.loads(_json({"c": Colour.RED})) == {"c": "red"}  # a str, as json writes it
+    for refused in (datetime(2026, 1, 1, tzinfo=UTC), Point(1)):
+        with pytest.raises(TypeError):
+            _json({"v": refused})
