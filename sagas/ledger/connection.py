@@ -12,6 +12,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from sagas.ledger.jsontext import json_text
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Key of the PostgreSQL advisory lock that serialises migrations ("backout").
 MIGRATION_LOCK_KEY = 0x6261636B6F7574
@@ -25,14 +27,19 @@ def create_engine(url: str) -> AsyncEngine:
     """An async engine for `url`, tuned for the ledger's access pattern.
 
     SQLite gets a busy timeout instead of failing at once on a locked file
-    (WAL mode is set once per file, by `migrate`).
+    (WAL mode is set once per file, by `migrate`). JSON columns are written
+    by `json_text` (orjson).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        engine = create_async_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, json_serializer=json_text
+        )
         event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=10, max_overflow=10, pool_pre_ping=True, json_serializer=json_text
+    )
 
 
 # Pages of write-ahead log after which a commit copies the log into the

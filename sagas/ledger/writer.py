@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagas.ledger.connection import SQLITE_BUSY_TIMEOUT, sqlite_pragmas
+from sagas.ledger.jsontext import json_text
 from sagas.ledger.tracking import sqlite_write_lock, write_transaction
 
 T = TypeVar("T")
@@ -80,7 +81,9 @@ class LedgerWriter:
 
     def _start(self) -> ThreadPoolExecutor:
         assert self._url is not None
-        engine = create_engine(self._url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        engine = create_engine(
+            self._url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, json_serializer=json_text
+        )
         event.listen(engine, "connect", sqlite_pragmas)
         self._thread_engine = engine
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")

@@ -1,6 +1,6 @@
-"""PostgreSQL's bulk writes encode JSON with orjson, else the standard library.
+"""The ledger encodes JSON with orjson, else the standard library.
 
-`sagas.ledger.dialect._json` must give text that decodes to the very value
+`sagas.ledger.jsontext.json_text` must give text that decodes to the very value
 `json.dumps` would have written, for anything JSON can hold: lone
 surrogates and integers beyond 64 bits go to the standard library.
 """
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sagas.ledger.dialect import _json
+from sagas.ledger.jsontext import json_text
 
 JSON_VALUES = st.recursive(
     st.none()
@@ -34,19 +34,19 @@ JSON_VALUES = st.recursive(
 
 @given(JSON_VALUES)
 def test_the_text_decodes_to_what_the_standard_library_writes(value: Any) -> None:
-    text = _json(value)
+    text = json_text(value)
     # repr: -0.0 stays -0.0, floats keep their digits, keys their order.
     assert repr(json.loads(text)) == repr(json.loads(json.dumps(value)))
 
 
 def test_orjson_writes_what_it_can() -> None:
     # No spaces, UTF-8 instead of escapes: the orjson path, not the fallback.
-    assert _json({"a": ["é", 1.5, None]}) == '{"a":["é",1.5,null]}'
+    assert json_text({"a": ["é", 1.5, None]}) == '{"a":["é",1.5,null]}'
 
 
 def test_what_orjson_refuses_and_json_allows_goes_to_the_standard_library() -> None:
-    assert _json({"s": "\ud800"}) == json.dumps({"s": "\ud800"})
-    assert _json([2**64]) == json.dumps([2**64])
+    assert json_text({"s": "\ud800"}) == json.dumps({"s": "\ud800"})
+    assert json_text([2**64]) == json.dumps([2**64])
 
 
 class Colour(StrEnum):
@@ -59,7 +59,7 @@ class Point:
 
 
 def test_values_the_standard_library_refuses_stay_refused() -> None:
-    assert json.loads(_json({"c": Colour.RED})) == {"c": "red"}  # a str, as json writes it
+    assert json.loads(json_text({"c": Colour.RED})) == {"c": "red"}  # a str, as json writes it
     for refused in (datetime(2026, 1, 1, tzinfo=UTC), Point(1)):
         with pytest.raises(TypeError):
-            _json({"v": refused})
+            json_text({"v": refused})
