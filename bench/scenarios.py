@@ -235,37 +235,22 @@ class Bench:
                     target_label=">= 0.2x raw",
                 )
             )
-            self.rows.append(
-                Row(
-                    "rollback",
-                    case,
-                    # Planning (blast radius, order, plan stored) and one round.
-                    "signal -> first compensation applied",
-                    "s",
-                    values=[r["first_applied_s"] for r in results],
-                    higher_is_better=False,
+            for metric, key in (
+                # Planning (blast radius, order, plan stored) and one round.
+                ("signal -> first compensation applied", "first_applied_s"),
+                ("signal -> all applied", "applied_s"),
+                ("signal -> all confirmed", "confirmed_s"),
+            ):
+                self.rows.append(
+                    Row(
+                        "rollback",
+                        case,
+                        metric,
+                        "s",
+                        values=[r[key] for r in results],
+                        higher_is_better=False,
+                    )
                 )
-            )
-            self.rows.append(
-                Row(
-                    "rollback",
-                    case,
-                    "signal -> all applied",
-                    "s",
-                    values=[r["applied_s"] for r in results],
-                    higher_is_better=False,
-                )
-            )
-            self.rows.append(
-                Row(
-                    "rollback",
-                    case,
-                    "signal -> all confirmed",
-                    "s",
-                    values=[r["confirmed_s"] for r in results],
-                    higher_is_better=False,
-                )
-            )
             for name in ("worker", "services", "broker"):
                 spent = [r[f"{name}_cpu_us"] for r in results if f"{name}_cpu_us" in r]
                 if spent:
