@@ -6,14 +6,16 @@ project's environment. Standalone on purpose: from the project it imports
 only `consumers.topics`, which needs nothing but aiokafka (the benchmark puts
 the repository on PYTHONPATH).
 
-Workload: read N event records of one benchmark run from Kafka (plain
+Workload (the issue's: N instances x 2 idempotent steps, `bench/peer_saga.py`):
+read the N x 2 event records of one benchmark run from Kafka (plain
 aiokafka, as the raw baseline does), group them by saga instance
 (`correlation_id`) and run one durable workflow per instance that undoes its
 events in reverse order, one checkpointed step per compensation, each step
 producing the command to the owning service's command topic. DBOS records
 every step in its PostgreSQL system database, which is what makes it
-crash-safe, just as Backout's ledger does. No confirmations are awaited
-(DBOS would need a `recv` per step fed by a consumer): this favours DBOS.
+crash-safe, just as Backout's ledger does. Neither side awaits a
+confirmation (DBOS would need a `recv` per step fed by a consumer): the
+peer saga declares none.
 
 Prints one JSON line: {"events": N, "workflows": W, "seconds": S}.
 """
@@ -33,11 +35,11 @@ from dbos import DBOS, DBOSConfig
 from consumers.topics import open_reader
 
 PARTITIONS = 4
+# The peer saga's steps (`bench/peer_saga.py`), whose commands Backout sends
+# to the same topics with the same JSON.
 COMMANDS = {
-    "BenchOrderPlaced": ("orders", "CancelOrder"),
-    "BenchPaymentCaptured": ("payments", "RefundPayment"),
-    "BenchStockReserved": ("stock", "ReleaseStock"),
-    "BenchOrderConfirmed": ("orders", "UnconfirmOrder"),
+    "PeerOrderPlaced": ("orders", "CancelOrder"),
+    "PeerPaymentCaptured": ("payments", "RefundPayment"),
 }
 
 producer: AIOKafkaProducer | None = None

@@ -22,6 +22,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from bench.peer_saga import SERVICES as PEER_SERVICES
+from bench.peer_saga import STEPS as PEER_STEPS
+from bench.peer_saga import peer_command_topic
 from bench.probe import LedgerProbe
 from bench.procs import (
     REPO,
@@ -79,16 +82,16 @@ class Bench:
     concurrency: int = 1024
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
     rows: list[Row] = field(default_factory=list)
-    # (database kind, size) -> Backout compensations/s of each run, for the peer row.
-    rollback_rates: dict[tuple[str, int], list[float]] = field(default_factory=dict)
 
     def _prefix(self, tag: str) -> str:
         return f"{tag}-{uuid.uuid4().hex[:8]}."
 
-    def _worker_settings(self, db: Database, workload: Workload) -> dict[str, str]:
+    def _worker_settings(
+        self, db: Database, workload: Workload, sagas: str = "bench.saga"
+    ) -> dict[str, str]:
         return {
             "BACKOUT_DATABASE_URL": db.url,
-            "BACKOUT_SAGAS": "bench.saga",
+            "BACKOUT_SAGAS": sagas,
             "BACKOUT_EVENT_TOPICS": ",".join(workload.event_topics),
             "BACKOUT_APP_ID": f"bench-{uuid.uuid4().hex[:10]}",
             "BACKOUT_MAX_COMPENSATIONS": "100000000",
@@ -96,8 +99,10 @@ class Bench:
             "BENCH_TOPIC_PREFIX": workload.prefix,
         }
 
-    def _worker(self, bootstrap: str, db: Database, workload: Workload, tag: str) -> Worker:
-        settings = self._worker_settings(db, workload)
+    def _worker(
+        self, bootstrap: str, db: Database, workload: Workload, tag: str, sagas: str = "bench.saga"
+    ) -> Worker:
+        settings = self._worker_settings(db, workload, sagas)
         settings["BACKOUT_BROKER"] = f"kafka://{bootstrap}"
         return Worker(settings, self.workdir / f"worker-{tag}-{uuid.uuid4().hex[:6]}.log")
 
@@ -221,7 +226,6 @@ class Bench:
         for size, results in per_size.items():
             case = f"{label}, {size:,} events"
             rates = [size / r["applied_s"] for r in results]
-            self.rollback_rates[(kind, size)] = rates
             self.rows.append(
                 Row(
                     "rollback",
@@ -333,12 +337,17 @@ class Bench:
         size: int,
         *,
         broker_pid: int | None = None,
+        sagas: str = "bench.saga",
+        confirmed: bool = True,
     ) -> dict[str, float]:
         """Track `size` events (not timed), then time one rollback of them.
 
         Also measures the CPU time used from the signal to the rollback's end,
         per compensation, by the worker, the fake services and the broker
         (when `broker_pid` is given), and how busy the whole machine was.
+        With `confirmed` False (the peer row's saga declares no
+        confirmations) no fake services run and the rollback is done when
+        every compensation is applied.
         """
         services = Child(
             [
@@ -353,10 +362,11 @@ class Bench:
             child_env({}),
             self.workdir / f"services-{uuid.uuid4().hex[:6]}.log",
         )
-        worker = self._worker(bootstrap, db, workload, "undo")
+        worker = self._worker(bootstrap, db, workload, "undo", sagas)
         probe = LedgerProbe(db)
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        services.start()
+        if confirmed:
+            services.start()
         worker.start()
         profiler: Child | None = None
         try:
@@ -373,7 +383,11 @@ class Bench:
                 issued_at=datetime.now(UTC),
             )
             key, value, headers = signal_record(signal, None)
-            pids = {"worker": worker.pid, "services": services.pid, "broker": broker_pid}
+            pids = {
+                "worker": worker.pid,
+                "services": services.pid if confirmed else None,
+                "broker": broker_pid,
+            }
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             machine_before = machine_cpu_seconds()
             published = datetime.now(UTC)
@@ -381,26 +395,28 @@ class Bench:
             state = await probe.wait_terminal(signal.signal_id, worker, timeout=120 + size / 50)
             cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
             machine_after = machine_cpu_seconds()
-            services.check_alive("bench services")
+            if confirmed:
+                services.check_alive("bench services")
             times = await probe.compensation_times()
-            if state != "completed" or times["states"].get("confirmed", 0) != size:
+            done = "confirmed" if confirmed else "applied"
+            if state != "completed" or times["states"].get(done, 0) != size:
                 raise BenchError(
-                    f"rollback ended {state} with {times['states']} (expected {size:,} confirmed)"
+                    f"rollback ended {state} with {times['states']} (expected {size:,} {done})"
                 )
             applied = (times["last_applied"] - published).total_seconds()
             first = (times["first_applied"] - published).total_seconds()
-            confirmed = (times["last_confirmed"] - published).total_seconds()
             trip = times["round_trip_median"]
             result = {
                 "first_applied_s": first,
                 "applied_s": applied,
-                "confirmed_s": confirmed,
                 "round_trip_ms": trip * 1000 if trip is not None else -1.0,
                 "peak_rss_mb": peak_rss_mb(worker.pid) or 0.0,
                 # Busy ÷ total over the rollback, all cores together (1.0 = all busy).
                 "machine_busy": (machine_after[0] - machine_before[0])
                 / max(machine_after[1] - machine_before[1], 1e-9),
             }
+            if confirmed:
+                result["confirmed_s"] = (times["last_confirmed"] - published).total_seconds()
             for name in pids:
                 before, after = cpu_before[name], cpu_after[name]
                 if before is not None and after is not None:
@@ -489,7 +505,8 @@ class Bench:
 
     async def peer(self) -> None:
         size = self.sizes.peer
-        case = f"{size:,} events ({size // 4:,} workflows)"
+        instances = size // len(PEER_STEPS)
+        case = f"{size:,} compensations ({instances:,} instances x {len(PEER_STEPS)} steps)"
         row = Row(
             "peer",
             case,
@@ -504,34 +521,67 @@ class Bench:
         row.baseline_label = f"DBOS on {'PostgreSQL' if pg_problem is None else 'SQLite'}"
         missing = _dbos_missing()
         if missing:
-            row.note = f"skipped: {missing}"
+            # Backout's side still runs (it exercises the peer saga); the row
+            # has no baseline, so no ratio and no verdict.
+            row.note = f"DBOS skipped: {missing}"
+            row.baseline_label = ""
+            row.target = None
             self.log(f"peer: {row.note}")
-            return
         kind = "postgres" if pg_problem is None and "postgres" in self.databases else "sqlite"
         row.case += f", Backout on {_label(kind)}"
-        known = self.rollback_rates.get((kind, size), [])
-        with broker(self.workdir) as kafka:
-            for run in range(self.runs):
-                workload = Workload(self._prefix("peer"))
-                await create_topics(kafka.bootstrap, workload.event_topics)
-                await produce(kafka.bootstrap, envelopes(workload, size))
-                dbos = await self._dbos_run(kafka.bootstrap, workload, size, pg_problem is None)
-                if run < len(known):
-                    ours = known[run]
-                else:
-                    async with database(kind, self.workdir) as db:
-                        await create_topics(kafka.bootstrap, workload.command_topics)
-                        ours = (
-                            size
-                            / (await self.undo(kafka.bootstrap, db, workload, size))["applied_s"]
-                        )
-                row.values.append(ours)
-                row.baseline.append(dbos)
-                self.log(
-                    f"peer run {run + 1}/{self.runs}: Backout {ours:,.0f}/s, DBOS {dbos:,.0f}/s"
-                )
-        if pg_problem is not None:
+        for run in range(self.runs):
+            # Who goes first alternates, as in the tracking row.
+            order = ("dbos", "backout") if run % 2 == 0 else ("backout", "dbos")
+            if missing:
+                order = ("backout",)
+            rates, details = await self._peer_run(kind, size, order, pg_problem is None)
+            row.values.append(rates["backout"])
+            dbos = "skipped"
+            if "dbos" in rates:
+                row.baseline.append(rates["dbos"])
+                dbos = f"{rates['dbos']:,.0f}/s"
+            self.log(
+                f"peer run {run + 1}/{self.runs}: Backout {rates['backout']:,.0f}/s "
+                f"({details}), DBOS {dbos}"
+            )
+        if pg_problem is not None and not missing:
             row.note = f"DBOS on SQLite (PostgreSQL unavailable: {pg_problem})"
+
+    async def _peer_run(
+        self, kind: str, size: int, order: tuple[str, ...], pg: bool
+    ) -> tuple[dict[str, float], str]:
+        """One run of the peer workload by each of `order`, on one fresh broker.
+
+        Returns compensations/s by who ran ("backout", "dbos"), and a line
+        on Backout's run for the log.
+        """
+        rates: dict[str, float] = {}
+        details = ""
+        with broker(self.workdir) as kafka:
+            workload = Workload(self._prefix("peer"))
+            commands = [peer_command_topic(s, workload.prefix) for s in PEER_SERVICES]
+            await create_topics(kafka.bootstrap, workload.event_topics + commands)
+            await produce(kafka.bootstrap, envelopes(workload, size, PEER_STEPS))
+            for who in order:
+                if who == "dbos":
+                    rates[who] = await self._dbos_run(kafka.bootstrap, workload, size, pg)
+                    continue
+                async with database(kind, self.workdir) as db:
+                    result = await self.undo(
+                        kafka.bootstrap,
+                        db,
+                        workload,
+                        size,
+                        broker_pid=kafka.pid,
+                        sagas="bench.peer_saga",
+                        confirmed=False,
+                    )
+                rates[who] = size / result["applied_s"]
+                details = (
+                    f"first applied in {result['first_applied_s']:.2f}s, all in "
+                    f"{result['applied_s']:.2f}s; {_cpu_summary(result)}"
+                )
+        return rates, details
 
     async def _dbos_run(self, bootstrap: str, workload: Workload, size: int, pg: bool) -> float:
         import asyncpg
@@ -611,7 +661,7 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 
 async def run_all(bench: Bench, only: list[str]) -> None:
-    """Run the chosen scenarios in a fixed order (rollback before peer: peer reuses it)."""
+    """Run the chosen scenarios in a fixed order."""
     started = time.monotonic()
     for name in ("tracking", "rollback", "memory", "peer"):
         if name in only:

@@ -1,8 +1,10 @@
 """Generating and producing the benchmark's events (not timed).
 
-Envelopes follow the wire contract (DESIGN §2.1). One saga instance is four
-events chained by `causation_id` across three services (see `bench.saga`);
-the orders service's events come from the deployment the rollback undoes.
+Envelopes follow the wire contract (DESIGN §2.1). One saga instance is a
+chain of events linked by `causation_id` across services: four over three
+services for the rollback rows (`bench.saga`), two for the peer row
+(`bench.peer_saga`); the orders service's events come from the deployment
+the rollback undoes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from bench.saga import SERVICES, STEPS, command_topic, event_topic
+
+# (event type, service, command, confirmation type), in forward order.
+Steps = Sequence[tuple[str, str, str, str | None]]
 
 PARTITIONS = 4
 SERVICE_DEPLOYMENTS = {"payments": "bench-payments-1.0", "stock": "bench-stock-1.0"}
@@ -48,25 +53,30 @@ class Workload:
         return [command_topic(s, self.prefix) for s in SERVICES]
 
 
-def envelopes(workload: Workload, events: int) -> Iterator[tuple[str, bytes, bytes]]:
-    """(topic, key, value) of `events` events: `events // 4` saga instances of 4 steps."""
+def _payload(event_type: str, n: int, order_id: str) -> dict[str, object]:
+    """The payload of instance `n`'s event of `event_type` (Bench* and Peer* alike)."""
+    if event_type.endswith("OrderPlaced"):
+        return {"order_id": order_id, "customer_id": f"c-{n % 977}", "total_cents": 4200}
+    if event_type.endswith("PaymentCaptured"):
+        return {"order_id": order_id, "payment_id": f"p-{n}", "amount_cents": 4200}
+    if event_type.endswith("StockReserved"):
+        return {"order_id": order_id, "sku": f"sku-{n % 311}", "quantity": 1}
+    return {"order_id": order_id}
+
+
+def envelopes(
+    workload: Workload, events: int, steps: Steps = STEPS
+) -> Iterator[tuple[str, bytes, bytes]]:
+    """(topic, key, value) of `events` events: `events // len(steps)` saga instances."""
     base = datetime.now(UTC) - timedelta(hours=1)
-    instances = max(1, events // len(STEPS))
+    instances = max(1, events // len(steps))
     for n in range(instances):
         order_id = f"o-{n:07d}"
         parent: str | None = None
         at = base + timedelta(milliseconds=n)
-        for step, (event_type, service, _, _) in enumerate(STEPS):
+        for step, (event_type, service, _, _) in enumerate(steps):
             event_id = str(uuid.uuid4())
-            payload: dict[str, object]
-            if event_type == "BenchOrderPlaced":
-                payload = {"order_id": order_id, "customer_id": f"c-{n % 977}", "total_cents": 4200}
-            elif event_type == "BenchPaymentCaptured":
-                payload = {"order_id": order_id, "payment_id": f"p-{n}", "amount_cents": 4200}
-            elif event_type == "BenchStockReserved":
-                payload = {"order_id": order_id, "sku": f"sku-{n % 311}", "quantity": 1}
-            else:
-                payload = {"order_id": order_id}
+            payload = _payload(event_type, n, order_id)
             document: dict[str, object] = {
                 "event_id": event_id,
                 "event_type": event_type,
