@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -63,6 +65,19 @@ class KafkaPublisher:
         """Send one record and wait until the broker has it (the `CommandSink` protocol)."""
         await self._producer.send_and_wait(topic, value=value, key=key, headers=list(headers))
 
+    async def enqueue(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers
+    ) -> asyncio.Future[Any]:
+        """Hand one record to the producer; the future resolves when the broker has it.
+
+        Records enqueued one after another are sent in that order (per
+        partition) and batched together, instead of one round trip each.
+        """
+        future: asyncio.Future[Any] = await self._producer.send(
+            topic, value=value, key=key, headers=list(headers)
+        )
+        return future
+
     async def send_json(
         self, topic: str, value: Any, *, key: str | None, headers: Headers | None = None
     ) -> None:
@@ -92,6 +107,31 @@ class StatusPublisher:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record to dead-letter: its bytes and headers, why, and where it came from."""
+
+    value: bytes | None
+    key: bytes | None
+    headers: Headers
+    error: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+
+
+def _too_large(letter: DeadLetter, rejected: BadRecord) -> DeadLetter:
+    """The metadata-only letter of a record too large to send again."""
+    size = len(rejected.value or b"") + len(rejected.key or b"")
+    size += sum(len(v) for _, v in rejected.headers)
+    return letter.model_copy(
+        update={
+            "error": f"{letter.error} (the {size}-byte record is too large to keep in the "
+            "DLQ: its value is left empty, its key and headers are dropped)"
+        }
+    )
+
+
 class DeadLetters:
     """Sends dead letters to the DLQ topic and keeps their metadata in the ledger."""
 
@@ -113,41 +153,63 @@ class DeadLetters:
         now: Any,
     ) -> None:
         """Dead-letter one record: original bytes and headers plus `backout-*` headers."""
-        letter = DeadLetter(
-            error=error,
-            source_topic=source_topic,
-            source_partition=source_partition,
-            source_offset=source_offset,
+        await self.record_all(
+            [BadRecord(value, key, headers, error, source_topic, source_partition, source_offset)],
+            now=now,
         )
-        ours = letter.headers()
-        # A record arriving with its own `backout-error`/`backout-source-*`
-        # headers would otherwise carry two of each, and readers that take the
-        # first would believe the forged ones.
-        reserved = {name for name, _ in ours}
-        kept = [(name, v) for name, v in headers if name not in reserved]
-        try:
-            await self.publisher.send(self.topic, value, key, [*kept, *ours])
-        except MessageSizeTooLargeError:
-            # The broker took a record larger than our producer may send: keep
-            # the metadata only, rather than crash on it (and again on restart).
-            size = len(value or b"") + len(key or b"") + sum(len(v) for _, v in headers)
-            letter = letter.model_copy(
-                update={
-                    "error": f"{error} (the {size}-byte record is too large to keep in the "
-                    "DLQ: its value is left empty, its key and headers are dropped)"
-                }
+
+    async def record_all(self, records: Sequence[BadRecord], *, now: Any) -> None:
+        """Dead-letter records, in order.
+
+        Every record is handed to the producer first and then all are
+        awaited, and their ledger copies are written in one transaction:
+        a flood of bad records (a broken deployment) costs a batched produce
+        and one commit per tracked batch, not a round trip and a commit per
+        record. Returns once the broker has every one of them.
+        """
+        sent: list[tuple[DeadLetter, BadRecord, asyncio.Future[Any]]] = []
+        for rejected in records:
+            letter = DeadLetter(
+                error=rejected.error,
+                source_topic=rejected.source_topic,
+                source_partition=rejected.source_partition,
+                source_offset=rejected.source_offset,
             )
-            await self.publisher.send(self.topic, b"", None, letter.headers())
+            ours = letter.headers()
+            # A record arriving with its own `backout-error`/`backout-source-*`
+            # headers would otherwise carry two of each, and readers that take
+            # the first would believe the forged ones.
+            reserved = {name for name, _ in ours}
+            kept = [(name, v) for name, v in rejected.headers if name not in reserved]
+            try:
+                future = await self.publisher.enqueue(
+                    self.topic, rejected.value, rejected.key, [*kept, *ours]
+                )
+            except MessageSizeTooLargeError:
+                # Larger than our producer may send (the broker took it).
+                letter = _too_large(letter, rejected)
+                future = await self.publisher.enqueue(self.topic, b"", None, letter.headers())
+            sent.append((letter, rejected, future))
+        results = await asyncio.gather(*(f for _, _, f in sent), return_exceptions=True)
+        letters = []
+        for (letter, rejected, _), result in zip(sent, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError):
+                # The broker refused it (its own limit may be below ours).
+                letter = _too_large(letter, rejected)
+                await self.publisher.send(self.topic, b"", None, letter.headers())
+            elif isinstance(result, BaseException):
+                raise result
+            letters.append(letter)
         try:
-            await self.ledger.record_dead_letter(
-                topic=source_topic,
-                partition=source_partition,
-                offset=source_offset,
-                error=letter.error[:2000],
+            await self.ledger.record_dead_letters(
+                [
+                    (d.source_topic, d.source_partition, d.source_offset, d.error[:2000])
+                    for d in letters
+                ],
                 now=now,
             )
-        except Exception:  # the DLQ topic has it; the ledger copy is for display only
-            log.warning("could not copy a dead letter into the ledger", exc_info=True)
+        except Exception:  # the DLQ topic has them; the ledger copy is for display only
+            log.warning("could not copy dead letters into the ledger", exc_info=True)
 
     async def compensation_failed(
         self, rollback_id: str, item: CompensationRecord, event: TrackedEvent, error: str

@@ -22,7 +22,7 @@ from mode import Service
 from consumers import metrics
 from consumers.decoding import EventDecoder, Rejected
 from consumers.memory import MemoryReleaser
-from consumers.publisher import DeadLetters
+from consumers.publisher import BadRecord, DeadLetters
 from consumers.settings import Settings
 from sagas.clock import Clock
 from sagas.engine import RollbackEngine
@@ -137,7 +137,7 @@ class Tracker(Service):
         events: list[TrackedEvent] = []
         offsets: list[TrackedOffset] = []
         commit: dict[TopicPartition, int] = {}
-        rejected = 0
+        rejected: list[BadRecord] = []
         for tp, records in batch.items():
             for record in records:
                 decoded = self.decoder.decode(
@@ -148,18 +148,20 @@ class Tracker(Service):
                     offset=record.offset,
                 )
                 if isinstance(decoded, Rejected):
-                    rejected += 1
-                    await self._dead_letter(tp, record, decoded.reason)
+                    rejected.append(self._rejected(tp, record, decoded.reason))
                 else:
                     events.append(decoded)
             if records:
                 next_offset = records[-1].offset + 1
                 commit[tp] = next_offset
                 offsets.append(TrackedOffset(self.group_id, tp.topic, tp.partition, next_offset))
+        if rejected:
+            # On the DLQ topic before the batch's offsets are committed.
+            await self.dead_letters.record_all(rejected, now=self.clock.now())
         result = await self._store(events, offsets)
         self.tracked += len(result.new_events)
         self.duplicates += result.duplicates
-        self.invalid += rejected
+        self.invalid += len(rejected)
         metrics.record_tracked(result.new_events, result.duplicates)
         try:
             await self.engine.on_tracked(result)
@@ -183,12 +185,12 @@ class Tracker(Service):
                     max(highwater - position, 0)
                 )
 
-    async def _dead_letter(
+    def _rejected(
         self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes], reason: str
-    ) -> None:
+    ) -> BadRecord:
         metrics.EVENTS_INVALID.labels(topic=tp.topic).inc()
         log.info("dead-lettering %s[%d]@%d: %s", tp.topic, tp.partition, record.offset, reason)
-        await self.dead_letters.record(
+        return BadRecord(
             value=record.value,
             key=record.key,
             headers=list(record.headers or ()),
@@ -196,7 +198,6 @@ class Tracker(Service):
             source_topic=tp.topic,
             source_partition=tp.partition,
             source_offset=record.offset,
-            now=self.clock.now(),
         )
 
     async def _store(self, events: list[TrackedEvent], offsets: list[TrackedOffset]) -> TrackResult:

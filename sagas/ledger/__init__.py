@@ -86,6 +86,7 @@ WRITE_METHODS = (
     "retry_compensation",
     "skip_compensation",
     "record_dead_letter",
+    "record_dead_letters",
     "end_quarantine",
 )
 

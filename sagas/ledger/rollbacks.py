@@ -647,12 +647,28 @@ class RollbackStore:
         self, *, topic: str, partition: int, offset: int, error: str, now: datetime
     ) -> None:
         """Keep a copy of a dead letter's metadata for the status page and `dlq list`."""
+        await self.record_dead_letters([(topic, partition, offset, error)], now=now)
+
+    async def record_dead_letters(
+        self, letters: Sequence[tuple[str, int, int, str]], *, now: datetime
+    ) -> None:
+        """Keep copies of dead letters' metadata, (topic, partition, offset,
+        error) each, in one transaction: a flood of bad records costs one
+        commit per batch, not one per record."""
+        if not letters:
+            return
+        rows = [
+            {
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
+                "error": error,
+                "recorded_at": now,
+            }
+            for topic, partition, offset, error in letters
+        ]
         async with write_transaction(self.engine) as conn:
-            await conn.execute(
-                t.dead_letters.insert().values(
-                    topic=topic, partition=partition, offset=offset, error=error, recorded_at=now
-                )
-            )
+            await conn.execute(t.dead_letters.insert(), rows)
 
     async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent dead letters, newest first."""

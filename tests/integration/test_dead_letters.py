@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from consumers.publisher import DeadLetters, KafkaPublisher
+from consumers.publisher import BadRecord, DeadLetters, KafkaPublisher
 from sagas.ledger import CompensationRecord, CompensationState, Ledger, TrackedEvent
 from schemas.dlq import DeadLetter
 from schemas.envelope import EventEnvelope
@@ -111,3 +111,64 @@ async def test_an_exhausted_compensation_is_dead_lettered_with_its_event(
     [row] = listed
     assert (row["topic"], row["partition"], row["offset"]) == ("shop.payments", 3, 4_242)
     assert "HTTP 503" in row["error"]
+
+
+async def test_a_flood_of_bad_records_is_dead_lettered_in_order_and_all_kept(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    # A broken deployment can emit thousands of malformed records: the tracker
+    # hands a batch's worth to `record_all`, which batches the produce and the
+    # ledger copies instead of a round trip and a commit per record.
+    dlq_topic = unique_name("dlq")
+    count = 500
+    records = [
+        BadRecord(
+            value=f'{{"n": {n}}}'.encode(),
+            key=f"key-{n % 7}".encode(),
+            # A forged header of ours is replaced by the real one.
+            headers=[("trace", b"t"), ("backout-error", b"forged")] if n == 3 else [],
+            error=f"bad record {n}",
+            source_topic="shop.orders",
+            source_partition=n % 4,
+            source_offset=1_000 + n,
+        )
+        for n in range(count)
+    ]
+    ledger = await Ledger.open(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
+    publisher = KafkaPublisher(kafka_bootstrap)
+    await publisher.start()
+    try:
+        await DeadLetters(publisher, ledger, dlq_topic).record_all(records, now=OCCURRED)
+        letters = await read_topic(
+            kafka_bootstrap, dlq_topic, count=count, what="every dead letter of the flood"
+        )
+        listed = await ledger.list_dead_letters(limit=count + 10)
+    finally:
+        await publisher.stop()
+        await ledger.close()
+
+    assert len(letters) == count
+    by_offset = {}
+    for letter in letters:
+        why = DeadLetter.from_headers(list(letter.headers))
+        by_offset[why.source_offset] = (why, letter)
+    assert sorted(by_offset) == [1_000 + n for n in range(count)]
+    for n in range(count):
+        why, letter = by_offset[1_000 + n]
+        assert why.error == f"bad record {n}"
+        assert (why.source_topic, why.source_partition) == ("shop.orders", n % 4)
+        assert letter.value == f'{{"n": {n}}}'.encode()
+        assert letter.key == f"key-{n % 7}".encode()
+    forged = by_offset[1_003][1]
+    assert [v for name, v in forged.headers if name == "backout-error"] == [b"bad record 3"]
+    assert forged.header("trace") == "t"
+    # Records of one key share a partition of the DLQ topic, in the order given.
+    for key in {letter.key for letter in letters}:
+        offsets = [
+            DeadLetter.from_headers(list(letter.headers)).source_offset
+            for letter in sorted(letters, key=lambda r: r.offset)
+            if letter.key == key
+        ]
+        assert offsets == sorted(offsets), key
+    assert sorted(row["offset"] for row in listed) == [1_000 + n for n in range(count)]
+    assert {row["error"] for row in listed} == {f"bad record {n}" for n in range(count)}
