@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import operator
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVarTuple
@@ -754,14 +753,7 @@ def _insert_items(
     ]
     if conn.dialect.name == "sqlite":
         # One executemany each, rows converted up front (`PreparedInsert`);
-        # SQLite counts the rows an executemany inserted. In key order: the
-        # keys are uuid5s, so plan order inserts them all over the primary
-        # key's B-trees (measured, storing 100,000 compensations, 6
-        # interleaved pairs: 2.32-2.48 s in plan order, 2.13-2.35 s in key
-        # order, every pair faster). PostgreSQL showed no such difference.
-        by_key = operator.itemgetter("idempotency_key")
-        compensation_rows.sort(key=by_key)
-        item_rows.sort(key=by_key)
+        # SQLite counts the rows an executemany inserted.
         compensations = PreparedInsert.of(
             conn, t.compensations, ["idempotency_key"], list(compensation_rows[0])
         )
