@@ -85,6 +85,7 @@ WRITE_METHODS = (
     "release_claims",
     "retry_compensation",
     "skip_compensation",
+    "record_dead_letter",
     "record_dead_letters",
     "end_quarantine",
 )
