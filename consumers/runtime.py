@@ -96,6 +96,8 @@ class Runtime(Service):
             loop=self.loop,
             beacon=self.beacon,
         )
+        # A signal waits for tracking to catch up before its blast radius is read.
+        self.engine.tracking = self.tracker
         await self.add_runtime_dependency(self.tracker)
         self._ready.set()
         web = getattr(self, "web", None)

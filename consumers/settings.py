@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         ge=0,
         description="How long late events of a rolled-back deployment are compensated.",
     )
+    catch_up_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a signal waits for tracking to catch up with the event "
+        "topics before its blast radius is read (0: not at all).",
+    )
     unknown_events: str = Field(
         default="dlq",
         description="What to do with event types no saga declares: 'dlq' or 'track'.",
@@ -158,4 +164,5 @@ class Settings(BaseSettings):
             concurrency=self.concurrency,
             quarantine_seconds=self.quarantine_seconds,
             poll_interval=self.poll_interval,
+            catch_up_seconds=self.catch_up_seconds,
         )

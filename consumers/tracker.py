@@ -32,15 +32,21 @@ log = logging.getLogger(__name__)
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
+# How often `caught_up` looks again at the partitions still behind.
+CATCH_UP_POLL_SECONDS = 0.05
+
 
 class _Revocations(ConsumerRebalanceListener):
     """Counts partition revocations (every rebalance of this member starts with one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_revoked: Callable[[], None] | None = None) -> None:
         self.count = 0
+        self.on_revoked = on_revoked
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.count += 1
+        if self.on_revoked is not None:
+            self.on_revoked()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return None
@@ -74,7 +80,10 @@ class Tracker(Service):
         self.duplicates = 0
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
-        self._revocations = _Revocations()
+        # Per partition, the next offset to read once the ledger holds what
+        # came before it: tracked here since the last rebalance (`caught_up`).
+        self._stored: dict[TopicPartition, int] = {}
+        self._revocations = _Revocations(on_revoked=self._stored.clear)
         self._memory = MemoryReleaser()
 
     async def on_start(self) -> None:
@@ -127,6 +136,66 @@ class Tracker(Service):
             if batch:
                 await self.process(batch, fetched_in=fetched_in)
 
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait, at most `timeout` seconds, until the ledger holds every record
+        on the tracked topics now: each partition tracked up to its end offset.
+
+        Partitions assigned here are checked against what this tracker has
+        stored since its last rebalance, the others (another worker's) against
+        the group's committed offsets, which follow their ledger writes.
+        On the development broker, end offsets can be low after a
+        multi-record batch (BROKER.md): the wait may then end once the
+        batch's first record is tracked (its fetch holds the whole batch).
+
+        Returns:
+            False when the time ran out or the broker could not be asked.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                partitions = [
+                    TopicPartition(topic, partition)
+                    for topic in sorted(consumer.subscription())
+                    for partition in sorted(consumer.partitions_for_topic(topic) or ())
+                ]
+                if not partitions:
+                    return True
+                ends = await consumer.end_offsets(partitions)
+                behind = {tp: end for tp, end in ends.items() if end > 0}
+                while True:
+                    behind = await self._still_behind(consumer, behind)
+                    if not behind:
+                        return True
+                    await asyncio.sleep(CATCH_UP_POLL_SECONDS)
+        except TimeoutError:
+            return False
+        except KafkaError as exc:
+            log.warning("could not read the tracked topics' end offsets: %s", exc)
+            return False
+
+    async def _still_behind(
+        self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """The partitions of `ends` not yet tracked up to their end offset."""
+        mine = consumer.assignment()
+        behind = {
+            tp: end
+            for tp, end in ends.items()
+            if not (tp in mine and self._stored.get(tp, -1) >= end)
+        }
+        # Another worker's, or ours but nothing stored here since the last
+        # rebalance (tracked before it, or by the previous owner).
+        ask = [tp for tp in behind if tp not in mine or tp not in self._stored]
+        committed = await asyncio.gather(*(consumer.committed(tp) for tp in ask))
+        for tp, offset in zip(ask, committed, strict=True):
+            if offset is not None and offset >= behind[tp]:
+                del behind[tp]
+        return behind
+
     async def process(self, batch: Batch, *, fetched_in: int | None = None) -> TrackResult:
         """Dead-letter the bad records, store the good ones, then commit.
 
@@ -159,6 +228,7 @@ class Tracker(Service):
             # On the DLQ topic before the batch's offsets are committed.
             await self.dead_letters.record_all(rejected, now=self.clock.now())
         result = await self._store(events, offsets)
+        self._stored.update(commit)
         self.tracked += len(result.new_events)
         self.duplicates += result.duplicates
         self.invalid += len(rejected)

@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 
 from sagas import tracing
 from sagas.clock import Clock, SystemClock
@@ -56,6 +57,14 @@ class EngineObserver(Protocol):
         """A run ended; `seconds` from signal to end when the rollback finished."""
 
 
+class TrackingProgress(Protocol):
+    """How far tracking has got (the worker's tracker)."""
+
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait, at most `timeout` seconds, until every event already on the
+        tracked topics is in the ledger; False if that could not be seen."""
+
+
 class StatusSink(Protocol):
     """Where status records go (`backout.status` in the worker)."""
 
@@ -72,6 +81,8 @@ class EngineSettings:
     quarantine_seconds: float = 3600.0
     poll_interval: float = 0.5
     progress_interval: float = 1.0
+    # Longest wait for tracking to catch up before a blast radius is read.
+    catch_up_seconds: float = 10.0
     # Real seconds `stop()` gives a run to reach a safe point before cancelling it.
     stop_grace: float = 10.0
 
@@ -103,8 +114,11 @@ class RollbackEngine:
         clock: Clock | None = None,
         settings: EngineSettings | None = None,
         observer: EngineObserver | None = None,
+        tracking: TrackingProgress | None = None,
     ) -> None:
         self.observer = observer
+        # Set by the worker once its tracker exists (the tracker needs the engine).
+        self.tracking = tracking
         self.ledger = ledger
         self.registry = registry
         self.commands = commands
@@ -125,6 +139,9 @@ class RollbackEngine:
         # them a second time (planning 100,000 events takes longer than its
         # 5 s timer, and both plans would then run).
         self._planning: set[str] = set()
+        # Ids of events tracked while a rollback was being planned, by rollback
+        # (`_late_events`): looked at once its plan is saved.
+        self._held: dict[str, set[str]] = {}
         self._last_published: dict[str, dict[str, Any]] = {}
         self._last_sent_at: dict[str, datetime] = {}
         # By rollback, the status record sent without waiting for the broker
@@ -220,6 +237,39 @@ class RollbackEngine:
         radius = await self.blast_radius(signal)
         return radius, plan_compensations(radius.events, self.registry)
 
+    async def _catch_up(self, rollback_id: str, span: Span) -> None:
+        """Let tracking reach what is already on the event topics before the
+        blast radius is read.
+
+        A signal sent right after the events it is about (a deploy that
+        failed at once, a broker that just came back) can overtake them: the
+        tracker reads other partitions than the signal. Without the wait, the
+        plan misses them, or the signal is rejected as an unknown deployment;
+        and an event tracked after its parent was undone is undone after it.
+        Bounded: a tracker far behind delays the rollback by at most
+        `catch_up_seconds`; what it tracks later joins as late events.
+        """
+        seconds = self.settings.catch_up_seconds
+        if self.tracking is None or seconds <= 0:
+            return
+        started = time.monotonic()
+        try:
+            caught_up = await self.tracking.caught_up(seconds)
+        except Exception:  # tracking progress is a help, not a requirement
+            log.warning("could not tell how far tracking has got", exc_info=True)
+            caught_up = False
+        waited = time.monotonic() - started
+        span.set_attribute(tracing.TRACKING_CAUGHT_UP, caught_up)
+        if not caught_up:
+            log.warning(
+                "rollback %s: tracking did not catch up within %.1fs; planning with what is "
+                "tracked (the rest joins as late events)",
+                rollback_id,
+                waited,
+            )
+        elif waited >= 0.5:
+            log.info("rollback %s: waited %.1fs for tracking to catch up", rollback_id, waited)
+
     async def _known(self, deployment_ids: list[str]) -> bool:
         return any(d.deployment_id in deployment_ids for d in await self.ledger.list_deployments())
 
@@ -238,6 +288,7 @@ class RollbackEngine:
             await self._plan_and_start(signal)
         finally:
             self._planning.discard(signal.signal_id)
+        await self._release_held([signal.signal_id])
 
     async def _plan_and_start(self, signal: RollbackSignal) -> None:
         rollback_id = signal.signal_id
@@ -248,6 +299,7 @@ class RollbackEngine:
             tracing.SPAN_PLAN,
             attributes={tracing.ROLLBACK_ID: rollback_id, tracing.DRY_RUN: signal.dry_run},
         ) as span:
+            await self._catch_up(rollback_id, span)
             try:
                 radius, plan = await self.plan(signal)
             except PlanningError as exc:
@@ -456,7 +508,11 @@ class RollbackEngine:
         await self._send(status, wait=False)
 
     async def resume(self, partitions: Iterable[int] | None = None) -> list[str]:
-        """Start runs for every unfinished rollback (after a restart or a rebalance)."""
+        """Start runs for every unfinished rollback (after a restart or a rebalance).
+
+        Also joins the events held for rollbacks another worker was planning.
+        """
+        await self._release_held()
         started = []
         for record in await self.ledger.active_rollbacks(partitions):
             if record.rollback_id in self._runs or record.rollback_id in self._planning:
@@ -564,12 +620,36 @@ class RollbackEngine:
         if not events:
             return
         now = self.clock.now()
-        open_rollbacks = await self.ledger.quarantining_rollbacks(now)
-        if not open_rollbacks:
+        targets = await self.ledger.quarantining_rollbacks(now, planning=True)
+        if not targets:
             return
         effects = await self._compensation_effects(events)
         candidates = [e for e in events if e.event_id not in effects]
         if not candidates:
+            return
+        joining = []
+        planning = {r.rollback_id for r in targets if r.state == RollbackState.PLANNING}
+        for record in targets:
+            if record.rollback_id in planning:
+                # Its plan is being made from what the ledger held when the
+                # blast radius was read: an event tracked since may be missing
+                # from it, and cannot be told late before the plan is saved.
+                # Held (ids only) until then; see `_release_held`.
+                held = self._held.setdefault(record.rollback_id, set())
+                held.update(e.event_id for e in candidates)
+            else:
+                joining.append(record)
+        await self._join_late(joining, candidates)
+        # Held for a plan saved since this batch's query began, or by another
+        # worker: joined now rather than at the next reconcile.
+        if any(rollback_id not in planning for rollback_id in self._held):
+            await self._release_held([r for r in self._held if r not in planning])
+
+    async def _join_late(
+        self, records: list[RollbackRecord], candidates: list[TrackedEvent]
+    ) -> None:
+        """Add to each rollback the candidates it covers and has not planned."""
+        if not records or not candidates:
             return
         parents = await self.ledger.events_by_id(
             e.causation_id for e in candidates if e.causation_id
@@ -579,7 +659,7 @@ class RollbackEngine:
         relevant = {e.event_id for e in candidates} | {
             e.causation_id for e in candidates if e.causation_id
         }
-        for record in open_rollbacks:
+        for record in records:
             deployments = set((record.deployment_id or "").split(","))
             planned = await self.ledger.planned_event_ids(record.rollback_id, relevant)
             cascade = bool(record.signal.get("cascade", True))
@@ -608,6 +688,29 @@ class RollbackEngine:
                 first_position = await self.ledger.planned_event_count(record.rollback_id)
                 await self._add_late(record, late, first_position=first_position)
 
+    async def _release_held(self, rollback_ids: Iterable[str] | None = None) -> None:
+        """Join the events held for rollbacks that were being planned, once
+        their plan is saved (by this process or another); drop them when the
+        rollback will not run (rejected, a dry run's plan)."""
+        now = self.clock.now()
+        for rollback_id in list(self._held if rollback_ids is None else rollback_ids):
+            if rollback_id in self._planning or rollback_id not in self._held:
+                continue
+            record = await self.ledger.get_rollback(rollback_id)
+            if record is not None and record.state == RollbackState.PLANNING:
+                continue  # another worker is still planning it
+            held = self._held.pop(rollback_id)
+            if (
+                record is None
+                or record.dry_run
+                or record.quarantine_until is None
+                or record.quarantine_until <= now
+                or record.state in (RollbackState.REJECTED, RollbackState.PLANNED)
+            ):
+                continue
+            events = await self.ledger.events_by_id(held)
+            await self._join_late([record], list(events.values()))
+
     async def _late_descendants(
         self, rollback_id: str, late: list[TrackedEvent]
     ) -> list[TrackedEvent]:
@@ -628,7 +731,19 @@ class RollbackEngine:
     ) -> None:
         plan = plan_compensations(late, self.registry, first_position=first_position + 1_000_000)
         now = self.clock.now()
-        await self.ledger.add_items(record.rollback_id, plan.new_compensations(late=True), now=now)
+        # A run of it here stops starting the planned items that must now wait
+        # for these before they are written: meanwhile it could start one.
+        run = self._runs.get(record.rollback_id)
+        if run is not None:
+            run.expect_late([(item.key, item.event) for item in plan.items])
+        try:
+            await self.ledger.add_items(
+                record.rollback_id, plan.new_compensations(late=True), now=now
+            )
+        except BaseException:
+            if run is not None:
+                run.forget_late(item.key for item in plan.items)
+            raise
         await self.ledger.add_manual(
             record.rollback_id, [n.as_dict() for n in plan.manual + plan.uncovered], now=now
         )

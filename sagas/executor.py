@@ -15,7 +15,7 @@ import heapq
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from sagas.clock import Clock
 from sagas.context import CommandSink, CompensationContext
 from sagas.definition import CompensationStep
 from sagas.errors import CompensationError, PermanentError, UpcastError
+from sagas.late_order import PlanIndex, late_dependencies
 from sagas.ledger import (
     DONE_STATES,
     CompensationRecord,
@@ -68,6 +69,14 @@ class _Item:
     confirm_deadline: datetime | None
     dependents: list[str] = field(default_factory=list)
     waiting_on: int = 0
+    # Dependencies found after the plan was stored, between late items and
+    # the planned ones they relate to (`late_order`); None for nearly all.
+    extra: list[str] | None = None
+
+    def depends_on(self) -> Iterator[str]:
+        yield from self.record.depends_on
+        if self.extra is not None:
+            yield from self.extra
 
     @property
     def key(self) -> str:
@@ -167,6 +176,11 @@ class RollbackRun:
         # orders them by plan position and may hold stale entries.
         self._ready: set[str] = set()
         self._ready_heap: list[tuple[int, str]] = []
+        # Built when the first late item arrives (`_order_late`).
+        self._plan_index: PlanIndex | None = None
+        # Keys of late items told of before they are read (`expect_late`) →
+        # the items already waiting for them.
+        self._awaited: dict[str, list[str]] = {}
         self._next_position = 0
         # Blocking is re-derived only after a failure appears or goes away.
         self._blocking_changed = True
@@ -284,7 +298,71 @@ class RollbackRun:
             self._index(item)
             self._open += _is_open(item, item.state)
             self._track_deadline(item)
+            if self._awaited:
+                for waiter in self._awaited.pop(item.key, ()):
+                    self._link(self._items[waiter], item)
+        if self._plan_index is not None:
+            for record in fresh:
+                self._plan_index.add(record.idempotency_key, self._events[record.event_id])
+        late = [(r.idempotency_key, self._events[r.event_id]) for r in fresh if r.late]
+        if late:
+            self._order_late(late)
         await self._refresh()
+
+    def expect_late(self, items: Sequence[tuple[str, TrackedEvent]]) -> None:
+        """Late items about to join the plan (told before they are written):
+        the planned items that must wait for them stop being started now,
+        not only once the run reads the late items from the ledger."""
+        self._order_late(items)
+
+    def forget_late(self, keys: Iterable[str]) -> None:
+        """Late items told of by `expect_late` that were not written after all."""
+        for key in keys:
+            for waiter_key in self._awaited.pop(key, ()):
+                waiter = self._items[waiter_key]
+                if waiter.extra is not None and key in waiter.extra:
+                    waiter.extra.remove(key)
+                    self._one_less_to_wait_for(waiter)
+
+    def _order_late(self, late: Sequence[tuple[str, TrackedEvent]]) -> None:
+        """Order late items among the planned ones they relate to (`late_order`)."""
+        if self._plan_index is None:
+            self._plan_index = PlanIndex()
+            for key, item in self._items.items():
+                self._plan_index.add(key, self._events[item.record.event_id])
+        for waiting, dependency in late_dependencies(late, self._plan_index, self.registry):
+            self._wait_for(waiting, dependency)
+
+    def _wait_for(self, waiting_key: str, dependency_key: str) -> None:
+        """One more dependency of an item, found after the plan was stored."""
+        waiting = self._items.get(waiting_key)
+        if waiting is None:
+            return  # a late item not read yet: ordered again once it is
+        if dependency_key in waiting.depends_on():
+            return
+        if waiting.extra is None:
+            waiting.extra = []
+        waiting.extra.append(dependency_key)
+        waiting.waiting_on += 1
+        self._ready.discard(waiting_key)
+        dependency = self._items.get(dependency_key)
+        if dependency is None:
+            self._awaited.setdefault(dependency_key, []).append(waiting_key)
+        else:
+            self._link(waiting, dependency)
+
+    def _link(self, waiting: _Item, dependency: _Item) -> None:
+        """`waiting`, counted as waiting for `dependency`, now follows its state."""
+        dependency.dependents.append(waiting.key)
+        if dependency.state in (S.FAILED, S.BLOCKED):
+            self._blocking_changed = True
+        if _done(dependency, dependency.state):
+            self._one_less_to_wait_for(waiting)
+
+    def _one_less_to_wait_for(self, item: _Item) -> None:
+        item.waiting_on -= 1
+        if item.state == S.PENDING and item.waiting_on == 0:
+            self._mark_ready(item)
 
     async def _refresh(self) -> None:
         """Apply state changes made elsewhere: confirmations tracked by another
@@ -466,17 +544,10 @@ class RollbackRun:
     def _nothing_left_to_wait_for(self) -> bool:
         return self._open == 0
 
-    def _dependencies_done(self, item: _Item) -> bool:
-        return all(
-            _done(self._items[d], self._items[d].state)
-            for d in item.record.depends_on
-            if d in self._items
-        )
-
     def _dependency_failed(self, item: _Item) -> bool:
         return any(
             self._items[d].state in (S.FAILED, S.BLOCKED)
-            for d in item.record.depends_on
+            for d in item.depends_on()
             if d in self._items
         )
 

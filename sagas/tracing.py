@@ -43,6 +43,7 @@ ATTEMPT = "backout.attempt"
 OUTCOME = "backout.outcome"
 PLANNED = "backout.planned"
 DRY_RUN = "backout.dry_run"
+TRACKING_CAUGHT_UP = "backout.tracking_caught_up"
 
 MESSAGING_SYSTEM = "messaging.system"
 MESSAGING_DESTINATION = "messaging.destination.name"

@@ -176,15 +176,22 @@ class RollbackStore:
             result = await conn.execute(query.order_by(t.rollbacks.c.created_at))
             return [rollback_from_row(r) for r in result.all()]
 
-    async def quarantining_rollbacks(self, now: datetime) -> list[RollbackRecord]:
-        """Executed rollbacks whose late-event quarantine is still open."""
+    async def quarantining_rollbacks(
+        self, now: datetime, *, planning: bool = False
+    ) -> list[RollbackRecord]:
+        """Executed rollbacks whose late-event quarantine is still open.
+
+        With `planning`, also the rollbacks being planned (not dry runs): an
+        event tracked meanwhile may be missing from the plan being made.
+        """
+        quarantining = and_(
+            t.rollbacks.c.quarantine_until > now,
+            t.rollbacks.c.state.not_in(("rejected", "planned", "accepted", "planning")),
+        )
+        wanted = or_(quarantining, t.rollbacks.c.state == "planning") if planning else quarantining
         async with self.engine.connect() as conn:
             result = await conn.execute(
-                select(t.rollbacks).where(
-                    t.rollbacks.c.quarantine_until > now,
-                    t.rollbacks.c.dry_run.is_(False),
-                    t.rollbacks.c.state.not_in(("rejected", "planned", "accepted", "planning")),
-                )
+                select(t.rollbacks).where(wanted, t.rollbacks.c.dry_run.is_(False))
             )
             return [rollback_from_row(r) for r in result.all()]
 

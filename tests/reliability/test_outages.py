@@ -366,7 +366,8 @@ async def _broker_restart(
         f"events produced at once all tracked {tracking_back:.1f}s after, the in-flight "
         f"rollback completed {in_flight_done:.1f}s after (commands re-sent with the same keys: "
         f"{services.duplicates} duplicates), a signal sent at once to the same partition "
-        f"completed; total {clock.seconds:.1f}s"
+        f"completed ({second['planned']} planned, {second['late']} of them late); "
+        f"total {clock.seconds:.1f}s"
     )
 
 

@@ -1295,6 +1295,67 @@ class TestStopAndRestart:
             assert [c.event_id for c in shop.calls[2:]] == [payment.event_id, order.event_id]
 
 
+# ------------------------------------------------------------- tracking catch-up
+
+
+class Tracking:
+    """Stands in for the worker's tracker: records the waits and runs `meanwhile`."""
+
+    def __init__(self, answer: bool | Exception, meanwhile: Any = None) -> None:
+        self.answer = answer
+        self.meanwhile = meanwhile
+        self.waits: list[float] = []
+
+    async def caught_up(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class TestTrackingCatchUp:
+    async def test_the_blast_radius_is_read_once_tracking_has_caught_up(self) -> None:
+        async with Shop(settings=EngineSettings(catch_up_seconds=7)) as shop:
+            await shop.checkout("c1")
+            # Tracked while the signal waits: part of the plan, not late.
+            overtaken = shop.event("OrderPlaced", correlation_id="c2")
+            tracking = Tracking(True, meanwhile=lambda: shop.h.emit(overtaken))
+            shop.h.engine.tracking = tracking
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert tracking.waits == [7]
+            assert record.state == RollbackState.COMPLETED
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.planned, status.applied, status.late) == (4, 4, 0)
+
+    @pytest.mark.parametrize("answer", [False, ConnectionError("broker away")])
+    async def test_tracking_behind_plans_with_what_is_tracked(
+        self, answer: bool | Exception, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            shop.h.engine.tracking = Tracking(answer)
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.COMPLETED
+            assert len(shop.h.sent) == 3
+            assert any("tracking did not catch up" in r.getMessage() for r in caplog.records), (
+                caplog.text
+            )
+
+    async def test_no_wait_when_it_is_turned_off(self) -> None:
+        async with Shop(settings=EngineSettings(catch_up_seconds=0)) as shop:
+            await shop.checkout("c1")
+            tracking = Tracking(False)
+            shop.h.engine.tracking = tracking
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.COMPLETED
+            assert tracking.waits == []
+
+
 # ------------------------------------------------------------------- late events
 
 
@@ -1335,6 +1396,185 @@ class TestLateEvents:
             assert await shop.state_of(late_payment) == S.APPLIED
             assert shop.calls_of(unrelated) == []
             assert (await shop.h.engine.status_of(record.rollback_id)).late == 1
+
+    async def late_child_of_a_waiting_parent(
+        self, shop: Shop
+    ) -> tuple[EventEnvelope, EventEnvelope, EventEnvelope, RollbackRecord]:
+        """An order planned with its payment: the cancel waits for the refund's
+        confirmation. Then inventory's reaction to the order is tracked late;
+        its release fails once (a retry in 1 s)."""
+        placed = shop.event("OrderPlaced", correlation_id="c1")
+        paid = shop.event(
+            "PaymentCaptured",
+            correlation_id="c1",
+            causation_id=placed.event_id,
+            service="payments",
+        )
+        await shop.h.emit(placed, paid)
+        record = await shop.h.rollback(DEPLOYMENT, settle=False)
+        await until(lambda: len(shop.h.sent) == 1, "refund sent")
+        await shop.until_state(paid, S.APPLIED)
+        reserved = shop.event(
+            "StockReserved",
+            deployment_id="inventory-3.0",
+            service="inventory",
+            correlation_id="c1",
+            causation_id=placed.event_id,
+        )
+        shop.script[reserved.event_id] = [ConnectionError("inventory down")]
+        return placed, paid, reserved, record
+
+    @pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+    async def test_a_late_child_is_undone_before_its_planned_parent(self, restart: bool) -> None:
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
+            placed, paid, reserved, record = await self.late_child_of_a_waiting_parent(shop)
+            await shop.h.emit(reserved)
+            if restart:  # the run that reads everything again orders it the same
+                await shop.h.crash_and_restart()
+            await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            record = await shop.h.settle(record.rollback_id)
+
+            assert record.state == RollbackState.COMPLETED
+            assert [(c.event_id, c.attempt) for c in shop.calls if c.event_id != paid.event_id][
+                -3:
+            ] == [(reserved.event_id, 1), (reserved.event_id, 2), (placed.event_id, 1)]
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.planned, status.late) == (3, 1)
+
+    async def test_a_late_child_holds_its_parent_while_it_is_being_written(self) -> None:
+        """The run hears of the late item before the ledger write that adds it:
+        the parent, ready meanwhile, must not start."""
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
+            placed, _paid, reserved, record = await self.late_child_of_a_waiting_parent(shop)
+            shop.script.pop(reserved.event_id)
+            reached, gate = hold(shop.h.ledger, "add_items", before_the_call=True)
+            emitting = asyncio.create_task(shop.h.emit(reserved))
+            await until(reached.is_set, "the late item being written")
+            await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            run = shop.h.engine._runs[record.rollback_id]
+            await until(
+                lambda: (run.idle and not run._wake.is_set()) or shop.calls_of(placed),
+                "the run looked at what is ready",
+            )
+            assert shop.calls_of(placed) == []
+
+            gate.set()
+            await emitting
+            record = await shop.h.settle(record.rollback_id)
+            assert record.state == RollbackState.COMPLETED
+            assert [c.event_id for c in shop.calls][-2:] == [reserved.event_id, placed.event_id]
+
+    async def test_a_late_item_that_was_not_written_holds_nothing_up(self) -> None:
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0) as shop:
+            placed, _paid, reserved, record = await self.late_child_of_a_waiting_parent(shop)
+            add_items = shop.h.ledger.add_items
+
+            async def ledger_away(*args: Any, **kwargs: Any) -> None:
+                raise ConnectionError("ledger away")
+
+            shop.h.ledger.add_items = ledger_away  # type: ignore[method-assign]
+            with pytest.raises(ConnectionError):
+                await shop.h.emit(reserved)
+            shop.h.ledger.add_items = add_items  # type: ignore[method-assign]
+            await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+            record = await asyncio.wait_for(shop.h.settle(record.rollback_id), timeout=10)
+
+            assert record.state == RollbackState.COMPLETED
+            assert await shop.state_of(placed) == S.APPLIED
+
+    async def test_events_tracked_while_the_plan_is_made_are_compensated(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The blast radius is read, then the plan is stored: events tracked in
+        between are in neither, and the rollback has no quarantine yet to be
+        late for. They are held, and joined once the plan is stored."""
+        async with Shop() as shop:
+            (placed, *_) = await shop.checkout("c1")
+            straggler = shop.event("OrderPlaced", correlation_id="c2")
+            reaction = shop.event(
+                "PaymentCaptured",
+                deployment_id="payments-5.0",
+                service="payments",
+                causation_id=placed.event_id,
+            )
+            unrelated = shop.event("PaymentCaptured", deployment_id="payments-5.0")
+            save_plan = shop.h.ledger.save_plan
+
+            async def tracked_meanwhile(*args: Any, **kwargs: Any) -> Any:
+                await shop.h.emit(straggler, reaction, unrelated)
+                return await save_plan(*args, **kwargs)
+
+            monkeypatch.setattr(shop.h.ledger, "save_plan", tracked_meanwhile)
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.COMPLETED
+            assert await shop.state_of(straggler) == S.APPLIED
+            assert await shop.state_of(reaction) == S.APPLIED
+            assert shop.calls_of(unrelated) == []
+            status = await shop.h.engine.status_of(record.rollback_id)
+            assert (status.planned, status.applied, status.late) == (5, 5, 2)
+            assert shop.h.engine._held == {}
+
+    async def test_events_held_for_a_rejected_plan_are_dropped(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        async with Shop(settings=EngineSettings(max_compensations=1)) as shop:
+            await shop.checkout("c1")
+            straggler = shop.event("OrderPlaced", correlation_id="c2")
+            blast_radius = shop.h.engine.blast_radius
+
+            async def tracked_meanwhile(signal: Any) -> Any:
+                radius = await blast_radius(signal)
+                await shop.h.emit(straggler)
+                return radius
+
+            monkeypatch.setattr(shop.h.engine, "blast_radius", tracked_meanwhile)
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.REJECTED
+            assert shop.h.engine._held == {}
+            assert shop.h.sent == []
+
+    async def test_events_held_for_another_workers_plan_join_once_it_is_stored(self) -> None:
+        """Another worker plans the rollback: this one holds what it tracks
+        meanwhile and joins it when it next looks (a tracked batch, a reconcile)."""
+        async with Shop() as shop:
+            (placed, *_) = await shop.checkout("c1")
+            elsewhere = shop.h.engine
+            signal = shop.h.signal(DEPLOYMENT)
+            now = shop.h.clock.now()
+            await shop.h.ledger.create_rollback(
+                signal.signal_id,
+                signal=signal.model_dump(mode="json"),
+                deployment_id=DEPLOYMENT,
+                dry_run=False,
+                state=RollbackState.PLANNING,
+                now=now,
+            )
+            # The other worker reads the blast radius; then the straggler is tracked here.
+            _, plan = await elsewhere.plan(signal)
+            straggler = shop.event("OrderPlaced", correlation_id="c2")
+            await shop.h.emit(straggler)
+            assert elsewhere._held == {signal.signal_id: {straggler.event_id}}
+            assert shop.h.sent == []
+
+            # The other worker stores its plan.
+            await shop.h.ledger.save_plan(
+                signal.signal_id,
+                plan.new_compensations(),
+                manual=[],
+                uncovered=[],
+                state=RollbackState.RUNNING,
+                now=now,
+                quarantine_until=now + timedelta(hours=1),
+            )
+            await elsewhere.resume()
+            record = await shop.h.settle(signal.signal_id)
+
+            assert elsewhere._held == {}
+            assert record.state == RollbackState.COMPLETED
+            assert await shop.state_of(straggler) == S.APPLIED
+            assert await shop.state_of(placed) == S.APPLIED
 
     async def test_no_late_compensation_after_the_quarantine_window(self) -> None:
         async with Shop(settings=EngineSettings(quarantine_seconds=60)) as shop:
