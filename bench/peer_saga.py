@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel
-
-from bench.saga import topic_prefix
+from bench.saga import BenchOrderPlaced, BenchPaymentCaptured, topic_prefix
 from sagas import CompensationContext, Saga
 
 peer = Saga("bench-peer")
@@ -38,18 +36,14 @@ def peer_command_topic(service: str, prefix: str | None = None) -> str:
     return f"{topic_prefix() if prefix is None else prefix}peer.{service}.commands"
 
 
-class PeerOrderPlaced(BaseModel):
+# The rollback saga's payloads under event types of their own (a type is
+# compensated by one saga only).
+class PeerOrderPlaced(BenchOrderPlaced):
     __event_type__: ClassVar[str] = "PeerOrderPlaced"
-    order_id: str
-    customer_id: str
-    total_cents: int
 
 
-class PeerPaymentCaptured(BaseModel):
+class PeerPaymentCaptured(BenchPaymentCaptured):
     __event_type__: ClassVar[str] = "PeerPaymentCaptured"
-    order_id: str
-    payment_id: str
-    amount_cents: int
 
 
 # (event type, service, command name, confirmation type), in forward order.

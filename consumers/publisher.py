@@ -191,7 +191,7 @@ class DeadLetters:
                 future = await self.publisher.enqueue(self.topic, b"", None, letter.headers())
             sent.append((letter, rejected, future))
         results = await asyncio.gather(*(f for _, _, f in sent), return_exceptions=True)
-        letters = []
+        letters: list[DeadLetter] = []
         for (letter, rejected, _), result in zip(sent, results, strict=True):
             if isinstance(result, MessageSizeTooLargeError):
                 # The broker refused it (its own limit may be below ours).
@@ -201,13 +201,7 @@ class DeadLetters:
                 raise result
             letters.append(letter)
         try:
-            await self.ledger.record_dead_letters(
-                [
-                    (d.source_topic, d.source_partition, d.source_offset, d.error[:2000])
-                    for d in letters
-                ],
-                now=now,
-            )
+            await self.ledger.record_dead_letters(letters, now=now)
         except Exception:  # the DLQ topic has them; the ledger copy is for display only
             log.warning("could not copy dead letters into the ledger", exc_info=True)
 

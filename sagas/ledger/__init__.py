@@ -85,7 +85,6 @@ WRITE_METHODS = (
     "release_claims",
     "retry_compensation",
     "skip_compensation",
-    "record_dead_letter",
     "record_dead_letters",
     "end_quarantine",
 )

@@ -39,6 +39,7 @@ from sagas.ledger.tracking import (
     write_transaction,
 )
 from sagas.ledger.writer import LedgerWriter
+from schemas.dlq import DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -650,29 +651,22 @@ class RollbackStore:
                 rows.extend((await conn.execute(query.where(in_part))).all())
         return rows
 
-    async def record_dead_letter(
-        self, *, topic: str, partition: int, offset: int, error: str, now: datetime
-    ) -> None:
-        """Keep a copy of a dead letter's metadata for the status page and `dlq list`."""
-        await self.record_dead_letters([(topic, partition, offset, error)], now=now)
-
-    async def record_dead_letters(
-        self, letters: Sequence[tuple[str, int, int, str]], *, now: datetime
-    ) -> None:
-        """Keep copies of dead letters' metadata, (topic, partition, offset,
-        error) each, in one transaction: a flood of bad records costs one
-        commit per batch, not one per record."""
+    async def record_dead_letters(self, letters: Sequence[DeadLetter], *, now: datetime) -> None:
+        """Keep copies of dead letters' metadata for the status page and `dlq
+        list`, in one transaction: a flood of bad records costs one commit per
+        batch, not one per record. Reasons are kept to their first 2,000
+        characters."""
         if not letters:
             return
         rows = [
             {
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
-                "error": error,
+                "topic": letter.source_topic,
+                "partition": letter.source_partition,
+                "offset": letter.source_offset,
+                "error": letter.error[:2000],
                 "recorded_at": now,
             }
-            for topic, partition, offset, error in letters
+            for letter in letters
         ]
         async with write_transaction(self.engine) as conn:
             await conn.execute(t.dead_letters.insert(), rows)

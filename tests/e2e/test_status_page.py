@@ -20,6 +20,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from consumers.api import build_web_app
 from consumers.settings import Settings
+from schemas.dlq import DeadLetter
 from schemas.signal import RollbackSignal
 from tests.support.api_runtime import ApiRuntime, Controls, driven_saga
 from tests.support.names import unique_name
@@ -99,11 +100,15 @@ async def test_status_page_follows_a_running_rollback(
         # A failed rollback of another deployment and a dead letter, for context.
         await runtime.track("payments-3.1.0", "Broken", service="payments", version="3.1.0")
         failed_id = await _signal(runtime, "payments-3.1.0", "PaymentsLatency: p99 above 2s")
-        await runtime.ledger.record_dead_letter(
-            topic="orders.events",
-            partition=2,
-            offset=1841,
-            error="invalid EventEnvelope: occurred_at: Field required",
+        await runtime.ledger.record_dead_letters(
+            [
+                DeadLetter(
+                    error="invalid EventEnvelope: occurred_at: Field required",
+                    source_topic="orders.events",
+                    source_partition=2,
+                    source_offset=1841,
+                )
+            ],
             now=datetime.now(UTC),
         )
         # The rollback under test: three compensations that wait for the test.

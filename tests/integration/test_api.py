@@ -20,6 +20,7 @@ from consumers import webcore
 from consumers.api import build_web_app
 from consumers.settings import Settings
 from sagas.ledger import CompensationState
+from schemas.dlq import DeadLetter
 from schemas.signal import SIGNATURE_HEADER, RollbackSignal, verify_signature
 from schemas.status import RollbackState
 from tests.support.api_runtime import ApiRuntime, Controls, driven_saga, read_records
@@ -258,11 +259,15 @@ async def test_rollback_detail_of_an_unknown_id_is_404(client: TestClient) -> No
 async def test_dead_letters_lists_the_newest_first(client: TestClient, runtime: ApiRuntime) -> None:
     assert await (await client.get("/api/dead-letters")).json() == []
     for offset in (7, 8):
-        await runtime.ledger.record_dead_letter(
-            topic="orders.events",
-            partition=1,
-            offset=offset,
-            error=f"invalid EventEnvelope at {offset}",
+        await runtime.ledger.record_dead_letters(
+            [
+                DeadLetter(
+                    error=f"invalid EventEnvelope at {offset}",
+                    source_topic="orders.events",
+                    source_partition=1,
+                    source_offset=offset,
+                )
+            ],
             now=datetime.now(UTC),
         )
     response = await client.get("/api/dead-letters")
