@@ -9,6 +9,13 @@ children. `late_dependencies` finds the planned items a late event is
 related to (same saga instance, its cause, what it caused), orders them all
 as one plan would (`plan_compensations`), and returns the dependencies that
 involve a late item; the run adds them to what it holds in memory.
+
+Two limits. An ignored event is no plan item, so a late event caused by one
+is related to the plan through its saga instance (correlation id) only. And
+the late items' own dependencies among themselves come from their own plan:
+where a planned event's causation contradicts the times of two late ones,
+the two orders could disagree and leave both waiting (`backout skip` frees
+them); it needs timestamps that lie across a late arrival.
 """
 
 from __future__ import annotations
