@@ -708,8 +708,13 @@ class RollbackEngine:
                 or record.state in (RollbackState.REJECTED, RollbackState.PLANNED)
             ):
                 continue
-            events = await self.ledger.events_by_id(held)
-            await self._join_late([record], list(events.values()))
+            try:
+                events = await self.ledger.events_by_id(held)
+                await self._join_late([record], list(events.values()))
+            except BaseException:
+                # The ledger is away: kept for the next batch or reconcile.
+                self._held.setdefault(rollback_id, set()).update(held)
+                raise
 
     async def _late_descendants(
         self, rollback_id: str, late: list[TrackedEvent]

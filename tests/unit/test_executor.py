@@ -1535,9 +1535,13 @@ class TestLateEvents:
             assert shop.h.engine._held == {}
             assert shop.h.sent == []
 
-    async def test_events_held_for_another_workers_plan_join_once_it_is_stored(self) -> None:
+    @pytest.mark.parametrize("ledger_away", [False, True], ids=["ledger up", "ledger away once"])
+    async def test_events_held_for_another_workers_plan_join_once_it_is_stored(
+        self, ledger_away: bool
+    ) -> None:
         """Another worker plans the rollback: this one holds what it tracks
-        meanwhile and joins it when it next looks (a tracked batch, a reconcile)."""
+        meanwhile and joins it when it next looks (a tracked batch, a
+        reconcile); a ledger away then keeps them held for the next look."""
         async with Shop() as shop:
             (placed, *_) = await shop.checkout("c1")
             elsewhere = shop.h.engine
@@ -1568,6 +1572,17 @@ class TestLateEvents:
                 now=now,
                 quarantine_until=now + timedelta(hours=1),
             )
+            if ledger_away:
+                events_by_id = shop.h.ledger.events_by_id
+
+                async def away(*args: Any, **kwargs: Any) -> Any:
+                    raise ConnectionError("ledger away")
+
+                shop.h.ledger.events_by_id = away  # type: ignore[method-assign]
+                with pytest.raises(ConnectionError):
+                    await elsewhere.resume()
+                assert elsewhere._held == {signal.signal_id: {straggler.event_id}}
+                shop.h.ledger.events_by_id = events_by_id  # type: ignore[method-assign]
             await elsewhere.resume()
             record = await shop.h.settle(signal.signal_id)
 
