@@ -30,6 +30,12 @@ LEDGER_WRITE_SECONDS = Histogram(
     "Duration of one ledger write transaction (a tracking batch).",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+TRACKING_CATCH_UP = Histogram(
+    "backout_tracking_catch_up_seconds",
+    "A signal's wait for tracking to catch up before its blast radius is read.",
+    ["caught_up"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 CONSUMER_LAG = Gauge(
     "backout_consumer_lag", "Records not yet tracked, per partition.", ["topic", "partition"]
 )
@@ -63,6 +69,10 @@ class PrometheusObserver:
         """A run began."""
         self._running.add(rollback_id)
         ROLLBACKS_IN_PROGRESS.set(len(self._running))
+
+    def tracking_caught_up(self, seconds: float, caught_up: bool) -> None:
+        """Observe a signal's wait for tracking (`caught_up`: "false" when time ran out)."""
+        TRACKING_CATCH_UP.labels(caught_up=str(caught_up).lower()).observe(seconds)
 
     def rollback_ended(self, rollback_id: str, state: str, seconds: float | None) -> None:
         """A run ended; observe the duration of rollbacks that finished."""

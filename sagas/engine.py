@@ -56,6 +56,9 @@ class EngineObserver(Protocol):
     def rollback_ended(self, rollback_id: str, state: str, seconds: float | None) -> None:
         """A run ended; `seconds` from signal to end when the rollback finished."""
 
+    def tracking_caught_up(self, seconds: float, caught_up: bool) -> None:
+        """A signal waited `seconds` for tracking; `caught_up` False: time ran out."""
+
 
 class TrackingProgress(Protocol):
     """How far tracking has got (the worker's tracker)."""
@@ -260,6 +263,8 @@ class RollbackEngine:
             caught_up = False
         waited = time.monotonic() - started
         span.set_attribute(tracing.TRACKING_CAUGHT_UP, caught_up)
+        if self.observer is not None:
+            self.observer.tracking_caught_up(waited, caught_up)
         if not caught_up:
             log.warning(
                 "rollback %s: tracking did not catch up within %.1fs; planning with what is "

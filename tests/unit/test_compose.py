@@ -46,6 +46,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "backout_rollbacks_in_progress": ("gauge", frozenset()),
     "backout_ledger_write_seconds": ("histogram", frozenset()),
     "backout_consumer_lag": ("gauge", frozenset({"topic", "partition"})),
+    "backout_tracking_catch_up_seconds": ("histogram", frozenset({"caught_up"})),
 }
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})

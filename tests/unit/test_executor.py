@@ -17,9 +17,11 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from consumers.decoding import EventDecoder
+from consumers.metrics import PrometheusObserver
 from consumers.settings import Settings
 from consumers.tracker import Tracker
 from sagas.context import CompensationContext, SentCommand
@@ -1344,6 +1346,20 @@ class TestTrackingCatchUp:
             assert any("tracking did not catch up" in r.getMessage() for r in caplog.records), (
                 caplog.text
             )
+
+    @pytest.mark.parametrize("answer", [True, False])
+    async def test_the_wait_is_measured(self, answer: bool) -> None:
+        """The worker's observer gets each wait (`backout_tracking_catch_up_seconds`)."""
+        async with Shop() as shop:
+            await shop.checkout("c1")
+            shop.h.engine.tracking = Tracking(answer)
+            observer = PrometheusObserver()
+            shop.h.engine.observer = observer
+            labels = {"caught_up": str(answer).lower()}
+            name = "backout_tracking_catch_up_seconds_count"
+            before = REGISTRY.get_sample_value(name, labels) or 0.0
+            await shop.h.rollback(DEPLOYMENT)
+            assert REGISTRY.get_sample_value(name, labels) == before + 1
 
     async def test_no_wait_when_it_is_turned_off(self) -> None:
         async with Shop(settings=EngineSettings(catch_up_seconds=0)) as shop:
