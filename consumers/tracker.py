@@ -153,10 +153,8 @@ class Tracker(Service):
         consumer = self._consumer
         if consumer is None:
             return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(timeout):
                 partitions = [
                     TopicPartition(topic, partition)
                     for topic in sorted(consumer.subscription())

@@ -293,7 +293,7 @@ class RollbackEngine:
             await self._plan_and_start(signal)
         finally:
             self._planning.discard(signal.signal_id)
-        await self._release_held([signal.signal_id])
+        await self._release_held()
 
     async def _plan_and_start(self, signal: RollbackSignal) -> None:
         rollback_id = signal.signal_id
@@ -647,8 +647,7 @@ class RollbackEngine:
         await self._join_late(joining, candidates)
         # Held for a plan saved since this batch's query began, or by another
         # worker: joined now rather than at the next reconcile.
-        if any(rollback_id not in planning for rollback_id in self._held):
-            await self._release_held([r for r in self._held if r not in planning])
+        await self._release_held(targets)
 
     async def _join_late(
         self, records: list[RollbackRecord], candidates: list[TrackedEvent]
@@ -693,25 +692,28 @@ class RollbackEngine:
                 first_position = await self.ledger.planned_event_count(record.rollback_id)
                 await self._add_late(record, late, first_position=first_position)
 
-    async def _release_held(self, rollback_ids: Iterable[str] | None = None) -> None:
+    async def _release_held(self, targets: list[RollbackRecord] | None = None) -> None:
         """Join the events held for rollbacks that were being planned, once
         their plan is saved (by this process or another); drop them when the
-        rollback will not run (rejected, a dry run's plan)."""
-        now = self.clock.now()
-        for rollback_id in list(self._held if rollback_ids is None else rollback_ids):
-            if rollback_id in self._planning or rollback_id not in self._held:
-                continue
-            record = await self.ledger.get_rollback(rollback_id)
-            if record is not None and record.state == RollbackState.PLANNING:
-                continue  # another worker is still planning it
-            held = self._held.pop(rollback_id)
-            if (
-                record is None
-                or record.dry_run
-                or record.quarantine_until is None
-                or record.quarantine_until <= now
-                or record.state in (RollbackState.REJECTED, RollbackState.PLANNED)
+        rollback takes no late events (rejected, a dry run, quarantine over).
+
+        Args:
+            targets: `quarantining_rollbacks(now, planning=True)` as just read;
+                read here when not given.
+        """
+        if not self._held:
+            return
+        if targets is None:
+            targets = await self.ledger.quarantining_rollbacks(self.clock.now(), planning=True)
+        open_rollbacks = {r.rollback_id: r for r in targets}
+        for rollback_id in list(self._held):
+            record = open_rollbacks.get(rollback_id)
+            if rollback_id in self._planning or (
+                record is not None and record.state == RollbackState.PLANNING
             ):
+                continue  # still being planned, here or by another worker
+            held = self._held.pop(rollback_id)
+            if record is None:
                 continue
             try:
                 events = await self.ledger.events_by_id(held)
