@@ -198,6 +198,17 @@ class Shop:
         await self.h.emit(placed, paid, reserved)
         return [placed, paid, reserved]
 
+    def healthy_payment(self, *, caused_by: EventEnvelope | None = None) -> EventEnvelope:
+        """A PaymentCaptured of the payments service's healthy deployment (not tracked)."""
+        if caused_by is None:
+            return self.event("PaymentCaptured", deployment_id="payments-5.0")
+        return self.event(
+            "PaymentCaptured",
+            deployment_id="payments-5.0",
+            service="payments",
+            causation_id=caused_by.event_id,
+        )
+
     async def captured_payment(self) -> EventEnvelope:
         """One PaymentCaptured of the payments service, tracked."""
         paid = self.event("PaymentCaptured", service="payments")
@@ -1399,13 +1410,8 @@ class TestLateEvents:
             (placed, *_) = await shop.checkout("c1")
             record = await shop.h.rollback(DEPLOYMENT)
             # Payments (a healthy deployment) reacts late to the rolled-back order.
-            late_payment = shop.event(
-                "PaymentCaptured",
-                deployment_id="payments-5.0",
-                service="payments",
-                causation_id=placed.event_id,
-            )
-            unrelated = shop.event("PaymentCaptured", deployment_id="payments-5.0")
+            late_payment = shop.healthy_payment(caused_by=placed)
+            unrelated = shop.healthy_payment()
             await shop.h.emit(late_payment, unrelated)
             record = await shop.h.settle(record.rollback_id)
 
@@ -1507,13 +1513,8 @@ class TestLateEvents:
         async with Shop() as shop:
             (placed, *_) = await shop.checkout("c1")
             straggler = shop.event("OrderPlaced", correlation_id="c2")
-            reaction = shop.event(
-                "PaymentCaptured",
-                deployment_id="payments-5.0",
-                service="payments",
-                causation_id=placed.event_id,
-            )
-            unrelated = shop.event("PaymentCaptured", deployment_id="payments-5.0")
+            reaction = shop.healthy_payment(caused_by=placed)
+            unrelated = shop.healthy_payment()
             save_plan = shop.h.ledger.save_plan
 
             async def tracked_meanwhile(*args: Any, **kwargs: Any) -> Any:
