@@ -343,7 +343,11 @@ def main() -> None:
     except Exception as exc:
         if debug:
             raise
-        from consumers.errors import explain
+        from consumers.errors import CLICK_EXCEPTION, explain, show_usage_error
+
+        if isinstance(exc, CLICK_EXCEPTION):
+            # A mistyped command line: the usage line says what would be right.
+            raise SystemExit(show_usage_error(exc)) from None
 
         message, code = explain(exc)
         typer.echo(f"error: {message}", err=True)

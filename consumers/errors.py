@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import click
+import typer
 
 from sagas.errors import BackoutError
+
+# The exceptions the CLI's parser raises. Typer 0.2x parses with its own copy
+# of click, whose exceptions are not `click`'s; `typer.BadParameter` is a
+# usage error of whichever click typer uses, so its bases name them.
+CLICK_EXCEPTION: type[Exception] = next(
+    base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException"
+)
+ABORTS: tuple[type[BaseException], ...] = (typer.Abort, click.exceptions.Abort, KeyboardInterrupt)
+
+
+def show_usage_error(exc: Exception) -> int:
+    """Print a usage error as typer does (the usage line, a hint, the problem); its exit code."""
+    try:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
+    except ImportError:  # typer without rich
+        exc.show()  # type: ignore[attr-defined]
+    return int(exc.exit_code)  # type: ignore[attr-defined]
 
 
 def explain(exc: BaseException) -> tuple[str, int]:
@@ -14,9 +34,9 @@ def explain(exc: BaseException) -> tuple[str, int]:
 
     from consumers.commands import CommandError
 
-    if isinstance(exc, click.exceptions.UsageError):
-        return exc.format_message(), 2
-    if isinstance(exc, click.exceptions.Abort | KeyboardInterrupt):
+    if isinstance(exc, CLICK_EXCEPTION):
+        return exc.format_message(), int(exc.exit_code)  # type: ignore[attr-defined]
+    if isinstance(exc, ABORTS):
         return "aborted", 130
     if isinstance(exc, CommandError | BackoutError):
         return str(exc), 1

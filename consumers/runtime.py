@@ -167,8 +167,8 @@ class Runtime(Service):
     async def _create_topics(self) -> None:
         s = self.settings
         admin = AIOKafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
-        await admin.start()
         try:
+            await admin.start()  # in the try: a failed start leaves its client open
             names = (s.signals_topic, s.status_topic, s.dlq_topic)
             existing = set(await admin.list_topics())
             missing = [n for n in names if n not in existing]

@@ -75,7 +75,11 @@ async def open_reader(
     """
     names = list(topics)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **{**READER_SETTINGS, **settings})
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # a failed start leaves its client open
+        raise
     try:
         if partitions is not None:
             assigned = [TopicPartition(t, p) for t in names for p in range(partitions)]

@@ -178,6 +178,36 @@ def test_rollback_errors(env: dict[str, str]) -> None:
     assert "Traceback" in debug.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["bogus"], "No such command 'bogus'"),
+        (["rollback", "--bogus"], "No such option: --bogus"),
+        (["dlq"], "Missing command"),
+        (["retry"], "Missing argument 'key'"),
+    ],
+    ids=["command", "option", "subcommand", "argument"],
+)
+def test_a_mistyped_command_line_shows_the_usage(
+    args: list[str], problem: str, env: dict[str, str]
+) -> None:
+    # Typer parses with its own copy of click: its usage errors once fell
+    # through to "unexpected UsageError", exit 1, without the usage line.
+    result = backout(*args, env=env)
+    assert result.returncode == 2, result.stderr
+    command = " ".join(a for a in args if not a.startswith("-") and a != "bogus")
+    assert f"Usage: backout {command}".rstrip() in result.stderr
+    assert problem in result.stderr
+    assert "unexpected" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_closes_its_reader_when_the_broker_is_unreachable(env: dict[str, str]) -> None:
+    result = backout("status", env={**env, "BACKOUT_BROKER": "kafka://127.0.0.1:1"})
+    assert_clean_error(result, "cannot reach the broker")
+    assert "Unclosed" not in result.stderr
+
+
 async def test_status_reads_the_status_topic(env: dict[str, str], kafka_bootstrap: str) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
