@@ -46,6 +46,11 @@ async def open_ledger(settings: Settings) -> AsyncIterator[Ledger]:
     ledger = Ledger(settings.database_url)
     try:
         await ledger.ping()
+        if not await ledger.has_schema():
+            raise BackoutError(
+                f"{url.render_as_string(hide_password=True)} holds no Backout ledger: no worker "
+                "has run against it (set BACKOUT_DATABASE_URL to the worker's ledger)"
+            )
         yield ledger
     finally:
         await ledger.close()

@@ -21,6 +21,7 @@ from consumers.signals import SignalIntake
 from consumers.tracker import Tracker
 from sagas.clock import SystemClock
 from sagas.engine import RollbackEngine
+from sagas.errors import LedgerError
 from sagas.ledger import Ledger
 from sagas.registry import SagaRegistry, load_registry
 
@@ -63,7 +64,15 @@ class Runtime(Service):
     async def on_start(self) -> None:
         """Open the ledger (migrating it), connect, create topics, start tracking."""
         s = self.settings
-        self.ledger = await Ledger.open(s.database_url)
+        try:
+            self.ledger = await Ledger.open(s.database_url)
+        except Exception as exc:
+            # The driver's own error ("Connect call failed") does not say what
+            # was being connected to.
+            raise LedgerError(
+                f"cannot open the ledger {_safe_url(s.database_url)} (BACKOUT_DATABASE_URL): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         await self._create_topics()
         self.publisher = KafkaPublisher(s.bootstrap_servers, client_id=f"{s.app_id}-producer")
         await self.publisher.start()

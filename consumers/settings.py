@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         re.compile(value)
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _async_ledger_url(cls, value: str) -> str:
+        from sagas.ledger.connection import ledger_url
+
+        return ledger_url(value)
+
     @property
     def bootstrap_servers(self) -> str:
         """`host:port[,host:port]` for aiokafka, from `kafka://a:1;b:2` or `a:1,b:2`."""

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from sagas.ledger.connection import create_engine, migrate
 from sagas.ledger.records import (
@@ -55,6 +55,11 @@ class Ledger(EventStore, RollbackStore):
         """Raise if the database cannot be reached."""
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+    async def has_schema(self) -> bool:
+        """Whether the database holds a ledger (a worker or `open` has migrated it)."""
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(lambda sync: inspect(sync).has_table("alembic_version"))
 
     async def close(self) -> None:
         """Release every connection (after the ANALYZE of a large plan, if one runs)."""

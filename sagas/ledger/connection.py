@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sagas.ledger.jsontext import json_text
@@ -40,6 +40,36 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(
         url, pool_size=10, max_overflow=10, pool_pre_ping=True, json_serializer=json_text
     )
+
+
+# The async drivers the ledger runs on, by SQLAlchemy backend name.
+LEDGER_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+
+
+def ledger_url(url: str) -> str:
+    """`url` with the ledger's async driver, or a ValueError naming what works.
+
+    A URL without a driver (`postgresql://`, `postgres://`, `sqlite:///`) gets
+    the async one: the form most tools print would otherwise fail with a
+    missing `psycopg2` module, or a dialect called `postgres` that SQLAlchemy
+    no longer knows. A driver named explicitly is kept when it is the async
+    one and refused otherwise.
+    """
+    supported = "sqlite+aiosqlite:///path/to/ledger.db or postgresql+asyncpg://user@host/db"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"not a database URL; expected {supported}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    backend = "postgresql" if backend == "postgres" else backend
+    wanted = LEDGER_DRIVERS.get(backend)
+    if wanted is None:
+        raise ValueError(f"the ledger runs on SQLite or PostgreSQL, not {backend!r}: {supported}")
+    if driver not in ("", wanted):
+        raise ValueError(f"the ledger needs the async driver {backend}+{wanted}, not {driver!r}")
+    if parsed.drivername == f"{backend}+{wanted}":
+        return url  # as given, character for character
+    return parsed.set(drivername=f"{backend}+{wanted}").render_as_string(hide_password=False)
 
 
 # Pages of write-ahead log after which a commit copies the log into the

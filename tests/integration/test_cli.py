@@ -337,6 +337,36 @@ def test_schemas_export(env: dict[str, str], tmp_path: Path) -> None:
     assert_clean_error(backout("schemas", "export", str(blocker / "x"), env=env))
 
 
+def test_ledger_commands_refuse_a_database_that_is_no_ledger(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")  # exists, so only the missing schema can be the problem
+    result = backout("deployments", env={**env, "BACKOUT_DATABASE_URL": f"sqlite:///{empty}"})
+    assert_clean_error(result, "holds no Backout ledger", "no worker has run against it")
+    assert result.returncode == 1
+
+
+def test_an_unsupported_database_url_is_a_settings_error(env: dict[str, str]) -> None:
+    result = backout("deployments", env={**env, "BACKOUT_DATABASE_URL": "mysql://root@db/x"})
+    assert_clean_error(result, "BACKOUT_DATABASE_URL", "runs on SQLite or PostgreSQL")
+    assert result.returncode == 2
+
+
+def test_worker_names_the_ledger_it_cannot_open(env: dict[str, str]) -> None:
+    # faust reports a start-up failure with its traceback; the error line must
+    # still say which setting points where (the driver says only "Connect call failed").
+    unreachable = {**env, "BACKOUT_DATABASE_URL": "postgresql://backout:secret@127.0.0.1:1/x"}
+    result = backout("worker", env=unreachable, timeout=60)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert (
+        "cannot open the ledger postgresql+asyncpg://backout:***@127.0.0.1:1/x "
+        "(BACKOUT_DATABASE_URL)"
+    ) in output, output
+    assert "secret" not in output
+
+
 def test_worker_refuses_a_broken_saga_module_clearly(env: dict[str, str]) -> None:
     broken = {**env, "BACKOUT_SAGAS": "tests.no_such_module"}
     assert_clean_error(

@@ -25,10 +25,11 @@ def _run(connection: Connection) -> None:
 
 
 def _run_from_url() -> None:
-    from sagas.ledger.connection import create_engine
+    from sagas.ledger.connection import create_engine, ledger_url
 
-    url = config.get_main_option("sqlalchemy.url") or os.environ.get(
-        "BACKOUT_DATABASE_URL", "sqlite+aiosqlite:///backout.db"
+    url = ledger_url(
+        config.get_main_option("sqlalchemy.url")
+        or os.environ.get("BACKOUT_DATABASE_URL", "sqlite+aiosqlite:///backout.db")
     )
 
     async def run() -> None:
