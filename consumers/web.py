@@ -33,7 +33,16 @@ class WebServer(Service):
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.web_host, self.settings.web_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            # Two workers on one machine collide here: name the settings that separate them.
+            raise OSError(
+                exc.errno,
+                f"cannot serve the HTTP API on {self.settings.web_host}:{self.settings.web_port} "
+                f"(BACKOUT_WEB_HOST, BACKOUT_WEB_PORT): {exc.strerror}",
+            ) from exc
         # aiohttp keeps the bound sockets private; port 0 needs the real port.
         sockets = list(site._server.sockets if site._server else [])
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.web_port

@@ -367,6 +367,22 @@ def test_worker_names_the_ledger_it_cannot_open(env: dict[str, str]) -> None:
     assert "secret" not in output
 
 
+def test_worker_names_the_web_port_it_cannot_bind(env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = backout("worker", env={**env, "BACKOUT_WEB_PORT": str(port)}, timeout=60)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert (
+        f"cannot serve the HTTP API on 127.0.0.1:{port} (BACKOUT_WEB_HOST, BACKOUT_WEB_PORT)"
+        in output
+    ), output
+
+
 def test_worker_refuses_a_broken_saga_module_clearly(env: dict[str, str]) -> None:
     broken = {**env, "BACKOUT_SAGAS": "tests.no_such_module"}
     assert_clean_error(
