@@ -329,7 +329,9 @@ def main() -> None:
     """Entry point of the ``backout`` console script.
 
     Known failures (bad input, unreachable broker or database) print one
-    readable line and exit 1; `--debug` anywhere on the line shows tracebacks.
+    readable line and exit 1, bad settings exit 2; a mistyped command line
+    prints its usage and exits 2; `--debug` anywhere on the line shows
+    tracebacks.
     """
     import sys
 
