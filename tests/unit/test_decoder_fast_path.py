@@ -128,3 +128,60 @@ def test_the_decoder_gives_the_same_event_either_way() -> None:
     envelope = EventEnvelope.model_validate(GOOD)
     for name in FIELDS:
         assert getattr(tracked, name) == getattr(envelope, name), name
+
+
+# JSON values with what orjson and the standard library treat differently:
+# integers beyond 64 bits (orjson makes them floats), long mantissas, NaN and
+# infinities, lone surrogates, deep nesting.
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=5),
+    st.sampled_from(["\ud800", "\x00", "é"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_raw = st.sampled_from(
+    [
+        "NaN",
+        "[Infinity]",
+        "1e999",
+        "-9223372036854775809",
+        "18446744073709551616",
+        "0.12345678901234567890123",
+        '"\\ud800"',
+        "[" * 2000 + "]" * 2000,
+        '{"a": 1, "a": 2}',
+        "01",
+        "1.",
+        " {} ",
+        "\ufeff{}",
+        '{"a": "\\u0000"}',
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_values.map(json.dumps), _raw))
+def test_parsing_gives_what_the_standard_library_gives(text: str) -> None:
+    from consumers.decoding import _JSON, _parse
+
+    try:
+        expected: Any = ("value", _JSON.decode(text))
+    except (ValueError, RecursionError) as exc:
+        expected = ("error", type(exc), str(exc))
+    try:
+        got: Any = ("value", _parse(text.encode("utf-8", "surrogatepass"), text))
+    except (ValueError, RecursionError) as exc:
+        got = ("error", type(exc), str(exc))
+    assert got == expected
+    if got[0] == "value":  # the same types too: 1 and 1.0 compare equal
+        assert json.dumps(got[1]) == json.dumps(expected[1])
