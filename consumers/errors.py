@@ -28,14 +28,13 @@ def show_usage_error(exc: Exception) -> int:
 
 
 def explain(exc: BaseException) -> tuple[str, int]:
-    """(message, exit code) for an exception that reached the CLI."""
+    """(message, exit code) for an exception that reached the CLI (usage errors
+    are shown whole by `show_usage_error`, before this)."""
     from aiokafka.errors import KafkaConnectionError, KafkaError
     from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
     from consumers.commands import CommandError
 
-    if isinstance(exc, CLICK_EXCEPTION):
-        return exc.format_message(), int(exc.exit_code)  # type: ignore[attr-defined]
     if isinstance(exc, ABORTS):
         return "aborted", 130
     if isinstance(exc, CommandError | BackoutError):

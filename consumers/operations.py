@@ -20,6 +20,7 @@ from sagas.clock import SystemClock
 from sagas.engine import BlastRadius, RollbackEngine
 from sagas.errors import BackoutError, LedgerError
 from sagas.ledger import DeploymentSummary, Ledger
+from sagas.ledger.connection import display_url
 from sagas.planner import Plan
 from sagas.registry import load_registry
 from schemas import RollbackSignal, RollbackState
@@ -48,7 +49,7 @@ async def open_ledger(settings: Settings) -> AsyncIterator[Ledger]:
         await ledger.ping()
         if not await ledger.has_schema():
             raise BackoutError(
-                f"{url.render_as_string(hide_password=True)} holds no Backout ledger: no worker "
+                f"{display_url(settings.database_url)} holds no Backout ledger: no worker "
                 "has run against it (set BACKOUT_DATABASE_URL to the worker's ledger)"
             )
         yield ledger

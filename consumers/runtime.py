@@ -23,6 +23,7 @@ from sagas.clock import SystemClock
 from sagas.engine import RollbackEngine
 from sagas.errors import LedgerError
 from sagas.ledger import Ledger
+from sagas.ledger.connection import display_url
 from sagas.registry import SagaRegistry, load_registry
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Runtime(Service):
             # The driver's own error ("Connect call failed") does not say what
             # was being connected to.
             raise LedgerError(
-                f"cannot open the ledger {_safe_url(s.database_url)} (BACKOUT_DATABASE_URL): "
+                f"cannot open the ledger {display_url(s.database_url)} (BACKOUT_DATABASE_URL): "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         await self._create_topics()
@@ -114,7 +115,7 @@ class Runtime(Service):
             await self.add_runtime_dependency(web)
         log.info(
             "backout runtime ready: ledger %s, sagas %s",
-            _safe_url(s.database_url),
+            display_url(s.database_url),
             [saga.name for saga in self.registry.sagas],
         )
 
@@ -197,10 +198,3 @@ class Runtime(Service):
                 raise
         finally:
             await admin.close()
-
-
-def _safe_url(url: str) -> str:
-    """The database URL without its password, for logs."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

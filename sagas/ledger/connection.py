@@ -72,6 +72,11 @@ def ledger_url(url: str) -> str:
     return parsed.set(drivername=f"{backend}+{wanted}").render_as_string(hide_password=False)
 
 
+def display_url(url: str) -> str:
+    """`url` without its password, for logs and error messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 # Pages of write-ahead log after which a commit copies the log into the
 # database file (SQLite's default is 1,000). A rollback's tracker batch dirties
 # ~3,000 pages of randomly keyed indexes: at the default every commit copied
