@@ -142,6 +142,43 @@ class ChaosStack:
             ignore=(OSError, AssertionError),
         )
 
+    async def wait_stored(
+        self, placed: list[tuple[str, int, int, str]], *, timeout: float = 60.0
+    ) -> dict[str, tuple[str, int, int]]:
+        """Wait until the ledger holds every produced (topic, partition, offset, event_id).
+
+        `wait_tracked` watches one deployment; the other services' events of
+        the same instances are on other partitions, tracked in other batches,
+        maybe a moment later. Returns where the ledger says each event came
+        from; on timeout, the missing events and the group's committed offsets
+        for their partitions (an offset past a missing event means it was lost).
+        """
+        missing: list[tuple[str, int, int]] = []
+
+        async def all_stored() -> dict[str, tuple[str, int, int]] | None:
+            nonlocal missing
+            ledger = await Ledger.open(self.database_url, migrate_schema=False)
+            try:
+                stored = await ledger.events_by_id(e for _, _, _, e in placed)
+            finally:
+                await ledger.close()
+            missing = sorted((t, p, o) for t, p, o, e in placed if e not in stored)
+            if missing:
+                return None
+            return {e: (s.topic, s.partition, s.offset) for e, s in stored.items()}
+
+        try:
+            return await wait_for(
+                all_stored, timeout=timeout, interval=0.2, message="every produced event stored"
+            )
+        except AssertionError as exc:  # the deadline passed
+            slots = sorted({(t, p) for t, p, _ in missing})
+            committed = await chaos.committed_offsets(self.bootstrap, self.tracker_group, slots)
+            raise AssertionError(
+                f"{len(missing)} produced events not in the ledger after {timeout:g}s: "
+                f"{missing}; the tracker group's committed offsets: {committed}"
+            ) from exc
+
     async def compensations(self, rollback_id: str) -> list[CompensationRecord]:
         """The rollback's compensations as the ledger holds them (read directly)."""
         ledger = await Ledger.open(self.database_url, migrate_schema=False)

@@ -38,7 +38,6 @@ from typing import Any
 import pytest
 
 from consumers.broker import EmbeddedBroker
-from sagas.ledger import Ledger
 from tests.reliability.conftest import TERMINAL, ChaosStack, MakeStack, report
 from tests.support import chaos
 from tests.support.waiting import wait_for
@@ -141,13 +140,8 @@ async def ledger_outage(
         ended = time.monotonic()
         await stack.wait_tracked(bad, chaos.type_counts(targets, bad), timeout=60)
         tracking_recovery = time.monotonic() - ended
-        ledger = await Ledger.open(stack.database_url, migrate_schema=False)
-        try:
-            stored = await ledger.events_by_id(e for _, _, _, e in placed)
-        finally:
-            await ledger.close()
-        where = {e: (t, p, o) for t, p, o, e in placed}
-        assert {e: (s.topic, s.partition, s.offset) for e, s in stored.items()} == where
+        stored = await stack.wait_stored(placed)
+        assert stored == {e: (t, p, o) for t, p, o, e in placed}
         last = {}
         for topic, partition, offset, _ in placed:
             last[(topic, partition)] = max(last.get((topic, partition), offset), offset)
@@ -336,13 +330,8 @@ async def _broker_restart(
     health_back = time.monotonic() - up_at
     await stack.wait_tracked(later, chaos.type_counts(after, later), timeout=60)
     tracking_back = time.monotonic() - up_at
-    ledger = await Ledger.open(stack.database_url, migrate_schema=False)
-    try:
-        stored = await ledger.events_by_id(e for _, _, _, e in placed)
-    finally:
-        await ledger.close()
-    missing = [(t, p, o) for t, p, o, e in placed if e not in stored]
-    assert not missing, f"{len(missing)} events produced after the restart never tracked: {missing}"
+    stored = await stack.wait_stored(placed)
+    assert stored == {e: (t, p, o) for t, p, o, e in placed}
     final = await stack.wait_state(rollback_id, TERMINAL, timeout=90)
     in_flight_done = time.monotonic() - up_at
     second = await stack.wait_state(second_id, TERMINAL, timeout=60)
