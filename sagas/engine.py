@@ -437,19 +437,25 @@ class RollbackEngine:
                 self.observer.rollback_ended(rollback_id, state, seconds)
 
     async def _run_again_if_work_arrived(self, rollback_id: str, state: str) -> None:
-        """Work added while the run was concluding (late items) gets a new run."""
-        if state not in (
+        """Work added while the run was concluding (late items), or a resume
+        that came while a paused run was ending, gets a new run."""
+        if state == RollbackState.PAUSED:
+            record = await self.ledger.get_rollback(rollback_id)
+            if record is None or record.state != RollbackState.RUNNING:
+                return
+        elif state in (
             RollbackState.COMPLETED,
             RollbackState.COMPLETED_WITH_WARNINGS,
             RollbackState.FAILED,
         ):
+            counts = await self.ledger.counts(rollback_id)
+            if counts.pending == 0 and counts.running == 0:
+                return
+            await self.ledger.set_rollback_state(
+                rollback_id, RollbackState.RUNNING, now=self.clock.now(), only_from=[state]
+            )
+        else:
             return
-        counts = await self.ledger.counts(rollback_id)
-        if counts.pending == 0 and counts.running == 0:
-            return
-        await self.ledger.set_rollback_state(
-            rollback_id, RollbackState.RUNNING, now=self.clock.now(), only_from=[state]
-        )
         # A new task takes over; it first runs after this one has let go of
         # its run (the `finally` of `_drive` does not wait before that).
         self._tasks[rollback_id] = asyncio.create_task(

@@ -340,16 +340,48 @@ class RollbackRun:
             return  # a late item not read yet: ordered again once it is
         if dependency_key in waiting.depends_on():
             return
+        dependency = self._items.get(dependency_key)
+        if dependency is not None and self._waits_for(dependency, waiting_key):
+            # Two orders of the same events disagree (event times that
+            # contradict causation across services make the ordering of a
+            # subset differ from that of the whole); held both ways, the items
+            # would wait for one another for ever. The order in place stays.
+            log.warning(
+                "rollback %s: %s waiting for %s contradicts the order already in place "
+                "(event times that disagree with causation?); it is not held for it",
+                self.rollback_id,
+                _describe(waiting),
+                _describe(dependency),
+            )
+            return
         if waiting.extra is None:
             waiting.extra = []
         waiting.extra.append(dependency_key)
         waiting.waiting_on += 1
         self._ready.discard(waiting_key)
-        dependency = self._items.get(dependency_key)
         if dependency is None:
             self._awaited.setdefault(dependency_key, []).append(waiting_key)
         else:
             self._link(waiting, dependency)
+
+    def _waits_for(self, item: _Item, key: str) -> bool:
+        """Whether `item` waits for `key`, directly or through other items.
+
+        Confirmed and skipped items are not followed: they never wait again,
+        so a cycle through one holds nothing up.
+        """
+        seen = {item.key}
+        stack = [item]
+        while stack:
+            for dependency_key in stack.pop().depends_on():
+                if dependency_key == key:
+                    return True
+                if dependency_key not in seen:
+                    seen.add(dependency_key)
+                    dependency = self._items.get(dependency_key)
+                    if dependency is not None and dependency.state not in FINAL_STATES:
+                        stack.append(dependency)
+        return False
 
     def _link(self, waiting: _Item, dependency: _Item) -> None:
         """`waiting`, counted as waiting for `dependency`, now follows its state."""
@@ -802,6 +834,11 @@ class RollbackRun:
             error=error,
             next_attempt_at=self.clock.now() + timedelta(seconds=wait),
         )
+
+
+def _describe(item: _Item) -> str:
+    """`<saga.step> of <event type> <event id>`, for a log line."""
+    return f"{item.step.name} of {item.record.event_type} {item.record.event_id}"
 
 
 def _is_open(item: _Item, state: S) -> int:

@@ -13,9 +13,11 @@ involve a late item; the run adds them to what it holds in memory.
 Two limits. An ignored event is no plan item, so a late event caused by one
 is related to the plan through its saga instance (correlation id) only. And
 the late items' own dependencies among themselves come from their own plan:
-where a planned event's causation contradicts the times of two late ones,
-the two orders could disagree and leave both waiting (`backout skip` frees
-them); it needs timestamps that lie across a late arrival.
+where a planned event's causation contradicts the times of two late ones
+(clocks that disagree across services), the two orders can disagree. The
+run adds no dependency that would close a cycle (`RollbackRun._wait_for`
+keeps the order in place and logs a warning), so the items are not left
+waiting for one another.
 """
 
 from __future__ import annotations

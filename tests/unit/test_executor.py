@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -856,6 +857,26 @@ class TestPause:
                 RollbackState.COMPLETED,
             ]
 
+    async def test_a_resume_before_the_paused_run_has_ended_runs_the_rest(self) -> None:
+        """Resumed while the paused run still waits for its compensation in
+        flight: that run ends as paused, and a new one takes over at once
+        (not only at the worker's next reconcile, which a harness has not)."""
+        async with Shop() as shop:
+            order, payment, stock = await shop.checkout("c1")
+            shop.gates[stock.event_id] = asyncio.Event()
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            rollback_id = record.rollback_id
+            await until(lambda: len(shop.h.sent) == 1, "first compensation in flight")
+
+            await shop.h.engine.pause(rollback_id)
+            await shop.h.engine.resume_rollback(rollback_id)
+            shop.gates[stock.event_id].set()
+            record = await asyncio.wait_for(shop.h.settle(rollback_id), timeout=10)
+
+            assert record.state == RollbackState.COMPLETED
+            assert shop.sent_order() == [stock.event_id, payment.event_id, order.event_id]
+            assert [c.event_id for c in shop.calls] == shop.sent_order()
+
     async def test_resume_of_a_completed_rollback_is_refused(self) -> None:
         async with Shop() as shop:
             await shop.checkout("c1")
@@ -1503,6 +1524,64 @@ class TestLateEvents:
 
             assert record.state == RollbackState.COMPLETED
             assert await shop.state_of(placed) == S.APPLIED
+
+    @pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+    async def test_late_items_whose_orders_disagree_do_not_wait_for_each_other(
+        self, restart: bool, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Clocks that disagree across services (an order stamped after the
+        reservation it caused) make two orders of the same events disagree:
+        the late items' own plan (two reservations, by time: `first` before
+        `second`) and their ordering among the planned items (the order's
+        children after it, so `second`, which it did not cause, comes first).
+        Each alone is acyclic; together they would make the order, `first` and
+        `second` wait for one another for ever. The run keeps the order it
+        found first and says so."""
+        async with Shop(confirm_payment=True, confirm_timeout=3600.0, settings=NO_POLLING) as shop:
+            start = shop.h.clock.now()
+            placed = shop.event(
+                "OrderPlaced", correlation_id="c1", occurred_at=start + timedelta(seconds=3)
+            )
+            paid = shop.event(
+                "PaymentCaptured",
+                correlation_id="c1",
+                causation_id=placed.event_id,
+                service="payments",
+                occurred_at=start + timedelta(seconds=4),
+            )
+            await shop.h.emit(placed, paid)
+            record = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await until(lambda: len(shop.h.sent) == 1, "refund sent")
+            await shop.until_state(paid, S.APPLIED)  # the cancel waits for its confirmation
+
+            def reservation(at: int, **fields: Any) -> EventEnvelope:
+                return shop.event(
+                    "StockReserved",
+                    service="inventory",
+                    correlation_id="c1",
+                    occurred_at=start + timedelta(seconds=at),
+                    **fields,
+                )
+
+            first = reservation(1, causation_id=placed.event_id)
+            second = reservation(2)
+            with caplog.at_level(logging.WARNING, logger="sagas.executor"):
+                await shop.h.emit(first, second)
+                if restart:
+                    await shop.h.crash_and_restart()
+                await shop.h.confirm(shop.h.sent[0], "PaymentRefunded")
+                record = await asyncio.wait_for(
+                    shop.h.settle(record.rollback_id, max_fake_seconds=7200), timeout=10
+                )
+
+            assert record.state == RollbackState.COMPLETED
+            undone = [c.event_id for c in shop.calls]
+            assert sorted(undone) == sorted(e.event_id for e in (placed, paid, first, second))
+            # What both orders agree on still holds: the payment and the
+            # reservation it caused before the order; the late plan's own order.
+            assert undone[-1] == placed.event_id
+            assert undone.index(second.event_id) < undone.index(first.event_id)
+            assert "contradicts" in caplog.text
 
     async def test_events_tracked_while_the_plan_is_made_are_compensated(
         self, monkeypatch: pytest.MonkeyPatch
