@@ -35,11 +35,14 @@ from sagas.ledger import (
     TrackResult,
 )
 from sagas.planner import Plan, plan_compensations
-from sagas.registry import SagaRegistry
+from sagas.registry import Ignored, SagaRegistry
 from schemas.signal import RollbackSignal
 from schemas.status import RollbackState, RollbackStatus
 
 log = logging.getLogger(__name__)
+
+# How many ignored events deep a late event's cause is followed to the blast radius.
+_MAX_IGNORED_CHAIN = 16
 
 RESUMABLE = (RollbackState.RUNNING, RollbackState.ACCEPTED, RollbackState.PLANNING)
 
@@ -673,6 +676,16 @@ class RollbackEngine:
             deployments = set((record.deployment_id or "").split(","))
             planned = await self.ledger.planned_event_ids(record.rollback_id, relevant)
             cascade = bool(record.signal.get("cascade", True))
+            # Causes in the blast radius: of the deployment, compensated by
+            # the plan, a manual or uncovered note of it, or ignored and
+            # caused (through ignored events) by one of those.
+            in_radius = planned | {
+                str(note["event_id"]) for note in (*record.manual, *record.uncovered)
+            }
+            if cascade:
+                in_radius |= await self._ignored_in_radius(
+                    record.rollback_id, parents, deployments, in_radius
+                )
             late = [
                 e
                 for e in candidates
@@ -684,7 +697,7 @@ class RollbackEngine:
                         and e.causation_id in parents
                         and (
                             parents[e.causation_id].deployment_id in deployments
-                            or e.causation_id in planned
+                            or e.causation_id in in_radius
                         )
                     )
                 )
@@ -728,6 +741,55 @@ class RollbackEngine:
                 # The ledger is away: kept for the next batch or reconcile.
                 self._held.setdefault(rollback_id, set()).update(held)
                 raise
+
+    async def _ignored_in_radius(
+        self,
+        rollback_id: str,
+        parents: dict[str, TrackedEvent],
+        deployments: set[str],
+        in_radius: set[str],
+    ) -> set[str]:
+        """The ignored `parents` in the rollback's blast radius.
+
+        An ignored event leaves no trace in a plan (no item, no note), yet
+        the blast radius runs through it: one caused by the deployment's
+        events, by a planned event or by a noted one is in it, and so is what
+        it causes. Its causes are looked up, level by level, while they are
+        ignored too (a compensated or noted cause not in the plan is not in
+        the radius).
+        """
+        chains = {
+            event_id: parent
+            for event_id, parent in parents.items()
+            if parent.deployment_id not in deployments
+            and event_id not in in_radius
+            and self._is_ignored(parent)
+        }
+        found: set[str] = set()
+        for _ in range(_MAX_IGNORED_CHAIN):
+            causes = {e.causation_id for e in chains.values() if e.causation_id}
+            if not causes:
+                break
+            events = await self.ledger.events_by_id(causes)
+            planned = await self.ledger.planned_event_ids(rollback_id, events)
+            further: dict[str, TrackedEvent] = {}
+            for event_id, event in chains.items():
+                cause = events.get(event.causation_id or "")
+                if cause is None:
+                    continue
+                if (
+                    cause.deployment_id in deployments
+                    or cause.event_id in in_radius
+                    or cause.event_id in planned
+                ):
+                    found.add(event_id)
+                elif self._is_ignored(cause):
+                    further[event_id] = cause
+            chains = further
+        return found
+
+    def _is_ignored(self, event: TrackedEvent) -> bool:
+        return isinstance(self.registry.resolve(event.event_type, event.schema_version), Ignored)
 
     async def _late_descendants(
         self, rollback_id: str, late: list[TrackedEvent]

@@ -1440,6 +1440,30 @@ class TestLateEvents:
             assert shop.calls_of(unrelated) == []
             assert (await shop.h.engine.status_of(record.rollback_id)).late == 1
 
+    @pytest.mark.parametrize(
+        "between", ["ReceiptEmailed", "OrderViewed"], ids=["manual", "ignored"]
+    )
+    async def test_a_late_event_caused_through_an_uncompensated_one_is_compensated(
+        self, between: str
+    ) -> None:
+        """Mail (manual) or a page view (ignored) reacts late to the rolled-back
+        order, and payments reacts to that in a later batch: the blast radius
+        runs through events that are no plan item, as it does when planned."""
+        async with Shop() as shop:
+            (placed, *_) = await shop.checkout("c1")
+            record = await shop.h.rollback(DEPLOYMENT)
+            reaction = shop.event(between, deployment_id="mail-1.0", causation_id=placed.event_id)
+            elsewhere = shop.event(between, deployment_id="mail-1.0")
+            await shop.h.emit(reaction, elsewhere)
+            grandchild = shop.healthy_payment(caused_by=reaction)
+            unrelated = shop.healthy_payment(caused_by=elsewhere)
+            await shop.h.emit(grandchild, unrelated)
+            record = await shop.h.settle(record.rollback_id)
+
+            assert await shop.state_of(grandchild) == S.APPLIED
+            assert shop.calls_of(unrelated) == []
+            assert (await shop.h.engine.status_of(record.rollback_id)).late == 1
+
     async def late_child_of_a_waiting_parent(
         self, shop: Shop
     ) -> tuple[EventEnvelope, EventEnvelope, EventEnvelope, RollbackRecord]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from sagas.context import CompensationContext
 from sagas.definition import Saga
+from sagas.engine import EngineSettings
 from sagas.ledger import CompensationState, Ledger
 from sagas.ledger.records import TrackedEvent
 from sagas.planner import idempotency_key, plan_compensations
@@ -314,6 +316,46 @@ def test_planner_dependencies_are_acyclic_and_follow_causation_even_with_lying_c
             continue  # on or behind a cycle
         for ancestor in seen & set(key_of):
             assert key_of[event_id] in waits[key_of[ancestor]]
+
+
+@PROPERTY_SETTINGS
+@given(specs=histories(), data=st.data())
+def test_late_events_never_leave_a_rollback_waiting_even_with_lying_clocks(
+    specs: list[Spec], data: st.DataObject
+) -> None:
+    """Part of the history is tracked before the signal, the rest while its
+    rollback is paused (late, joining planned items not started yet), with
+    times in any order: the plan's order and the late items' can disagree,
+    and the rollback must still end, each compensation run once."""
+    lying = [
+        dataclasses.replace(s, at=data.draw(st.integers(0, 5), label="at"), flaky=False)
+        for s in specs
+    ]
+    planned_count = data.draw(st.integers(1, len(lying) - 1), label="planned")
+
+    async def scenario() -> None:
+        shop = Shop(lying)
+        async with SagaTestHarness(shop.saga, settings=EngineSettings(concurrency=1)) as harness:
+            early = Shop(lying[:planned_count])
+            await early.emit(harness)
+            record = await harness.rollback(BAD, settle=False)
+            if record.state == RollbackState.RUNNING:
+                await harness.engine.pause(record.rollback_id)
+            late = Shop(lying[planned_count:])
+            await late.emit(harness)
+            if record.state == RollbackState.RUNNING:
+                await harness.engine.resume_rollback(record.rollback_id)
+            record = await asyncio.wait_for(
+                harness.settle(record.rollback_id, max_fake_seconds=3600), timeout=20
+            )
+            compensated, state = expected(lying)
+            event(f"{len(blast_radius(lying[planned_count:]))} late in the radius")
+
+            assert record.state == state, record.error
+            order = sent_event_ids(harness)
+            assert sorted(order) == sorted(s.event_id for s in compensated)
+
+    run(scenario)
 
 
 def _transitive(direct: dict[str, set[str]]) -> dict[str, set[str]]:
