@@ -47,6 +47,13 @@ _MAX_IGNORED_CHAIN = 16
 RESUMABLE = (RollbackState.RUNNING, RollbackState.ACCEPTED, RollbackState.PLANNING)
 
 
+def _in_radius(event: TrackedEvent, deployments: set[str], known: set[str]) -> bool:
+    """Whether `event` is in a rollback's blast radius: of one of its
+    deployments, or among `known` (compensated by its plan, or noted in it as
+    a manual action or uncovered)."""
+    return event.deployment_id in deployments or event.event_id in known
+
+
 class EngineObserver(Protocol):
     """Told what happens, for metrics (the worker counts with Prometheus)."""
 
@@ -667,25 +674,22 @@ class RollbackEngine:
         parents = await self.ledger.events_by_id(
             e.causation_id for e in candidates if e.causation_id
         )
+        cascading = any(r.signal.get("cascade", True) for r in records)
+        ancestry = await self._ignored_ancestry(parents) if cascading else {}
         # Only these ids are ever looked up in `planned`: reading just them
         # keeps a tracked batch's cost independent of the size of the plans.
-        relevant = {e.event_id for e in candidates} | {
-            e.causation_id for e in candidates if e.causation_id
-        }
+        relevant = (
+            {e.event_id for e in candidates}
+            | {e.causation_id for e in candidates if e.causation_id}
+            | {cause.event_id for causes in ancestry.values() for cause in causes}
+        )
         for record in records:
             deployments = set((record.deployment_id or "").split(","))
             planned = await self.ledger.planned_event_ids(record.rollback_id, relevant)
             cascade = bool(record.signal.get("cascade", True))
-            # Causes in the blast radius: of the deployment, compensated by
-            # the plan, a manual or uncovered note of it, or ignored and
-            # caused (through ignored events) by one of those.
-            in_radius = planned | {
+            known = planned | {
                 str(note["event_id"]) for note in (*record.manual, *record.uncovered)
             }
-            if cascade:
-                in_radius |= await self._ignored_in_radius(
-                    record.rollback_id, parents, deployments, in_radius
-                )
             late = [
                 e
                 for e in candidates
@@ -695,9 +699,12 @@ class RollbackEngine:
                     or (
                         cascade
                         and e.causation_id in parents
-                        and (
-                            parents[e.causation_id].deployment_id in deployments
-                            or e.causation_id in in_radius
+                        and any(
+                            _in_radius(cause, deployments, known)
+                            for cause in (
+                                parents[e.causation_id],
+                                *ancestry.get(e.causation_id, ()),
+                            )
                         )
                     )
                 )
@@ -710,6 +717,37 @@ class RollbackEngine:
             if late:
                 first_position = await self.ledger.planned_event_count(record.rollback_id)
                 await self._add_late(record, late, first_position=first_position)
+
+    async def _ignored_ancestry(
+        self, parents: dict[str, TrackedEvent]
+    ) -> dict[str, list[TrackedEvent]]:
+        """For each ignored event of `parents`, its causes, nearest first, up
+        to the first one that is not ignored (at most `_MAX_IGNORED_CHAIN`).
+
+        An ignored event leaves no trace in a plan (no item, no note), yet the
+        blast radius runs through it: it is in a rollback's radius when one of
+        these causes is, and so is what it causes (`_join_late`). Read once
+        per tracked batch, whatever the number of rollbacks.
+        """
+        ancestry: dict[str, list[TrackedEvent]] = {
+            event_id: [] for event_id, parent in parents.items() if self._is_ignored(parent)
+        }
+        tops = {event_id: parents[event_id] for event_id in ancestry}
+        for _ in range(_MAX_IGNORED_CHAIN):
+            causes = {e.causation_id for e in tops.values() if e.causation_id}
+            if not causes:
+                break
+            found = await self.ledger.events_by_id(causes)
+            further: dict[str, TrackedEvent] = {}
+            for event_id, top in tops.items():
+                cause = found.get(top.causation_id or "")
+                if cause is None:
+                    continue
+                ancestry[event_id].append(cause)
+                if self._is_ignored(cause):
+                    further[event_id] = cause
+            tops = further
+        return ancestry
 
     async def _release_held(self, targets: list[RollbackRecord] | None = None) -> None:
         """Join the events held for rollbacks that were being planned, once
@@ -741,52 +779,6 @@ class RollbackEngine:
                 # The ledger is away: kept for the next batch or reconcile.
                 self._held.setdefault(rollback_id, set()).update(held)
                 raise
-
-    async def _ignored_in_radius(
-        self,
-        rollback_id: str,
-        parents: dict[str, TrackedEvent],
-        deployments: set[str],
-        in_radius: set[str],
-    ) -> set[str]:
-        """The ignored `parents` in the rollback's blast radius.
-
-        An ignored event leaves no trace in a plan (no item, no note), yet
-        the blast radius runs through it: one caused by the deployment's
-        events, by a planned event or by a noted one is in it, and so is what
-        it causes. Its causes are looked up, level by level, while they are
-        ignored too (a compensated or noted cause not in the plan is not in
-        the radius).
-        """
-        chains = {
-            event_id: parent
-            for event_id, parent in parents.items()
-            if parent.deployment_id not in deployments
-            and event_id not in in_radius
-            and self._is_ignored(parent)
-        }
-        found: set[str] = set()
-        for _ in range(_MAX_IGNORED_CHAIN):
-            causes = {e.causation_id for e in chains.values() if e.causation_id}
-            if not causes:
-                break
-            events = await self.ledger.events_by_id(causes)
-            planned = await self.ledger.planned_event_ids(rollback_id, events)
-            further: dict[str, TrackedEvent] = {}
-            for event_id, event in chains.items():
-                cause = events.get(event.causation_id or "")
-                if cause is None:
-                    continue
-                if (
-                    cause.deployment_id in deployments
-                    or cause.event_id in in_radius
-                    or cause.event_id in planned
-                ):
-                    found.add(event_id)
-                elif self._is_ignored(cause):
-                    further[event_id] = cause
-            chains = further
-        return found
 
     def _is_ignored(self, event: TrackedEvent) -> bool:
         return isinstance(self.registry.resolve(event.event_type, event.schema_version), Ignored)
