@@ -820,13 +820,20 @@ class TestConfirmations:
 
 
 class TestPause:
+    async def stock_release_in_flight(
+        self, shop: Shop
+    ) -> tuple[EventEnvelope, EventEnvelope, EventEnvelope, str]:
+        """One checkout rolled back: its first compensation (the stock release)
+        in flight and held by a gate, the two others pending."""
+        order, payment, stock = await shop.checkout("c1")
+        shop.gates[stock.event_id] = asyncio.Event()
+        record = await shop.h.rollback(DEPLOYMENT, settle=False)
+        await until(lambda: len(shop.h.sent) == 1, "first compensation in flight")
+        return order, payment, stock, record.rollback_id
+
     async def test_pause_stops_new_starts_and_resume_continues(self) -> None:
         async with Shop() as shop:
-            order, payment, stock = await shop.checkout("c1")
-            shop.gates[stock.event_id] = asyncio.Event()
-            record = await shop.h.rollback(DEPLOYMENT, settle=False)
-            rollback_id = record.rollback_id
-            await until(lambda: len(shop.h.sent) == 1, "first compensation in flight")
+            order, payment, stock, rollback_id = await self.stock_release_in_flight(shop)
 
             await shop.h.engine.pause(rollback_id)
             # The in-flight compensation finishes; nothing new starts.
@@ -862,11 +869,7 @@ class TestPause:
         flight: that run ends as paused, and a new one takes over at once
         (not only at the worker's next reconcile, which a harness has not)."""
         async with Shop() as shop:
-            order, payment, stock = await shop.checkout("c1")
-            shop.gates[stock.event_id] = asyncio.Event()
-            record = await shop.h.rollback(DEPLOYMENT, settle=False)
-            rollback_id = record.rollback_id
-            await until(lambda: len(shop.h.sent) == 1, "first compensation in flight")
+            order, payment, stock, rollback_id = await self.stock_release_in_flight(shop)
 
             await shop.h.engine.pause(rollback_id)
             await shop.h.engine.resume_rollback(rollback_id)
