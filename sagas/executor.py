@@ -571,7 +571,7 @@ class RollbackRun:
             finally:
                 woken.cancel()
             self._wake.clear()
-            await self._collect()
+            await self._collect(start=False)
 
     def _nothing_left_to_wait_for(self) -> bool:
         return self._open == 0
@@ -608,9 +608,12 @@ class RollbackRun:
                 self._set_state(self._items[key], state)
             await self._read_states(sorted(set(keys) - set(moved)))
 
-    async def _start_ready(self, now: datetime) -> None:
+    async def _start_ready(self, now: datetime, outcomes: Sequence[Outcome] = ()) -> None:
+        """Claim and start ready items while slots are free; `outcomes` not yet
+        in the ledger are written in the claim's transaction, before it."""
         free = self.concurrency - len(self._inflight)
-        if free <= 0:
+        if free <= 0 or self._stopping:
+            await self.ledger.record_outcomes(outcomes, now=now)
             return
         ready: list[_Item] = []
         chosen: set[str] = set()
@@ -628,9 +631,12 @@ class RollbackRun:
         for entry in deferred:
             heapq.heappush(self._ready_heap, entry)
         if not ready:
+            await self.ledger.record_outcomes(outcomes, now=now)
             return
         claimed = set(
-            await self.ledger.claim([i.key for i in ready], now=now, rollback_id=self.rollback_id)
+            await self.ledger.claim(
+                [i.key for i in ready], now=now, rollback_id=self.rollback_id, outcomes=outcomes
+            )
         )
         unclaimed = []
         for item in ready:
@@ -671,7 +677,17 @@ class RollbackRun:
                 if not helper.done():
                     helper.cancel()
 
-    async def _collect(self) -> None:
+    async def _collect(self, *, start: bool = True) -> None:
+        """Take in the attempts that finished and, if `start`, start what is
+        ready now.
+
+        Their outcomes are applied here first, then written in the same
+        ledger transaction as the claim of what is ready (a parent whose
+        children are applied, another instance's next step): one write per
+        round instead of two. Nothing outside this run sees the in-memory
+        states before that write; if it fails, the run ends and the next one
+        starts from the ledger.
+        """
         done = [task for task in self._inflight if task.done()]
         if not done:
             return
@@ -680,10 +696,7 @@ class RollbackRun:
         for task in done:
             self._running_here.discard(self._inflight.pop(task))
             outcomes.append(self._with_deadline(task.result(), now))
-        await self.ledger.record_outcomes(outcomes, now=now)
-        if self.on_outcome is not None:
-            for outcome in outcomes:
-                self.on_outcome(outcome)
+        failed: list[tuple[_Item, str]] = []
         for outcome in outcomes:
             item = self._items[outcome.idempotency_key]
             if item.state != S.RUNNING:
@@ -694,11 +707,19 @@ class RollbackRun:
             item.confirm_deadline = outcome.confirm_deadline
             self._set_state(item, outcome.state)
             self._track_deadline(item)
-            if outcome.state == S.FAILED and self.failures is not None:
+            if outcome.state == S.FAILED:
+                failed.append((item, outcome.error or "failed"))
+        if start:
+            await self._start_ready(now, outcomes)
+        else:
+            await self.ledger.record_outcomes(outcomes, now=now)
+        if self.on_outcome is not None:
+            for outcome in outcomes:
+                self.on_outcome(outcome)
+        if self.failures is not None:
+            for item, error in failed:
                 event = self._events[item.record.event_id]
-                await self.failures.compensation_failed(
-                    self.rollback_id, item.record, event, outcome.error or "failed"
-                )
+                await self.failures.compensation_failed(self.rollback_id, item.record, event, error)
 
     async def _expire_confirmations(self, now: datetime) -> None:
         # Every due deadline leaves the heap: a due retry is already in the

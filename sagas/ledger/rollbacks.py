@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVarTuple
 
@@ -463,16 +463,28 @@ class RollbackStore:
             return list(result.scalars().all())
 
     async def claim(
-        self, keys: Sequence[str], *, now: datetime, rollback_id: str | None = None
+        self,
+        keys: Sequence[str],
+        *,
+        now: datetime,
+        rollback_id: str | None = None,
+        outcomes: Sequence[Outcome] = (),
     ) -> list[str]:
         """Record the intent to run: pending → running, attempts + 1, one transaction.
+
+        `outcomes` (of attempts that just finished) are written first, in the
+        same transaction: a run claims the work its last outcomes made ready
+        in one ledger write per round instead of two.
 
         Returns:
             The keys actually claimed; a key another executor claimed first, or
             that is done already, is left out.
         """
-        return await self.writer.run(
-            lambda conn: _update_keys(
+        write_outcomes = _outcome_writer(outcomes, now)
+
+        def claim(conn: Connection) -> list[str]:
+            write_outcomes(conn)
+            return _update_keys(
                 conn,
                 keys,
                 state_beside_keys(conn) == S.PENDING,
@@ -481,40 +493,13 @@ class RollbackStore:
                 claimed_by=rollback_id,
                 updated_at=now,
             )
-        )
+
+        return await self.writer.run(claim)
 
     async def record_outcomes(self, outcomes: Sequence[Outcome], *, now: datetime) -> None:
-        """Write attempt results in one transaction.
-
-        An outcome only lands on a compensation still `running`: a
-        confirmation that overtook the handler's own result wins. Outcomes
-        with the same values (a batch of applied compensations) are written
-        as one `UPDATE ... WHERE key IN (...)`: per-row parameter sets cost
-        ~5 µs each in SQLAlchemy alone, inside the write transaction.
-        """
-        if not outcomes:
-            return
-        groups: dict[tuple[Any, ...], list[str]] = {}
-        for o in outcomes:
-            values = (o.state, o.error, o.next_attempt_at, o.confirm_deadline, o.traceparent)
-            groups.setdefault(values, []).append(o.idempotency_key)
-        shared = {v: keys for v, keys in groups.items() if len(keys) >= _SHARED_OUTCOME_GROUP}
-        grouped = {key for keys in shared.values() for key in keys}
-        single = [o for o in outcomes if o.idempotency_key not in grouped]
-
-        def write(conn: Connection) -> None:
-            for (state, error, next_at, deadline, traceparent), keys in shared.items():
-                _update_keys(
-                    conn,
-                    keys,
-                    state_beside_keys(conn) == S.RUNNING,
-                    returning=False,
-                    **_outcome_values(state, error, next_at, deadline, traceparent, now),
-                )
-            if single:
-                conn.execute(_outcome_statement(now), [_outcome_row(o, now) for o in single])
-
-        await self.writer.run(write)
+        """Write attempt results in one transaction (see `_outcome_writer`)."""
+        if outcomes:
+            await self.writer.run(_outcome_writer(outcomes, now))
 
     async def expire_confirmations(
         self, keys: Sequence[str], *, now: datetime, next_state: CompensationState, error: str
@@ -827,6 +812,38 @@ def _update_keys(
         result = conn.execute(statement.returning(t.compensations.c.idempotency_key))
         changed.extend(result.scalars().all())
     return changed
+
+
+def _outcome_writer(outcomes: Sequence[Outcome], now: datetime) -> Callable[[Connection], None]:
+    """The write of attempt results, for a writer transaction.
+
+    An outcome only lands on a compensation still `running`: a confirmation
+    that overtook the handler's own result wins. Outcomes with the same
+    values (a batch of applied compensations) are written as one `UPDATE
+    ... WHERE key IN (...)`: per-row parameter sets cost ~5 µs each in
+    SQLAlchemy alone, inside the write transaction.
+    """
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for o in outcomes:
+        values = (o.state, o.error, o.next_attempt_at, o.confirm_deadline, o.traceparent)
+        groups.setdefault(values, []).append(o.idempotency_key)
+    shared = {v: keys for v, keys in groups.items() if len(keys) >= _SHARED_OUTCOME_GROUP}
+    grouped = {key for keys in shared.values() for key in keys}
+    single = [o for o in outcomes if o.idempotency_key not in grouped]
+
+    def write(conn: Connection) -> None:
+        for (state, error, next_at, deadline, traceparent), keys in shared.items():
+            _update_keys(
+                conn,
+                keys,
+                state_beside_keys(conn) == S.RUNNING,
+                returning=False,
+                **_outcome_values(state, error, next_at, deadline, traceparent, now),
+            )
+        if single:
+            conn.execute(_outcome_statement(now), [_outcome_row(o, now) for o in single])
+
+    return write
 
 
 # Outcomes sharing their values in groups of at least this many are written

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from sagas.errors import LedgerError
 from sagas.ledger import (
@@ -742,6 +743,50 @@ class LedgerContract:
         k1 = await ledger.get_compensation("k1")
         assert k1 is not None
         assert (k1.state, k1.attempts) == (S.RUNNING, 1)
+
+    async def test_a_claim_writes_the_outcomes_given_with_it_first(self, ledger: Ledger) -> None:
+        await new_rollback(ledger, "rb-1", [item("child"), item("other", 1), item("parent", 2)])
+        await ledger.claim(["child", "other"], now=at(1))
+
+        claimed = await ledger.claim(
+            ["parent", "child"],
+            now=at(2),
+            rollback_id="rb-1",
+            outcomes=[
+                Outcome("child", S.APPLIED, confirm_deadline=at(9)),
+                Outcome("other", S.PENDING, error="timeout", next_attempt_at=at(3)),
+            ],
+        )
+
+        # The outcomes landed before the claim: the child is applied, so the
+        # claim leaves it out; the retried one is pending again, unclaimed.
+        assert claimed == ["parent"]
+        assert await states(ledger, "child", "other", "parent") == {
+            "child": S.APPLIED,
+            "other": S.PENDING,
+            "parent": S.RUNNING,
+        }
+        child = await ledger.get_compensation("child")
+        assert child is not None
+        assert (child.confirm_deadline, child.attempts) == (at(9), 1)
+
+    async def test_a_claim_that_fails_writes_none_of_its_outcomes(self, ledger: Ledger) -> None:
+        await new_rollback(ledger, "rb-1", [item("child"), item("parent", 1)])
+        await ledger.claim(["child"], now=at(1))
+
+        # A key of the wrong type makes the claim's statement fail after the
+        # outcome's UPDATE has run, in the same transaction.
+        with pytest.raises(DBAPIError, match=r"parameter|argument"):
+            await ledger.claim(
+                ["parent", object()],  # type: ignore[list-item]
+                now=at(2),
+                outcomes=[Outcome("child", S.APPLIED)],
+            )
+
+        assert await states(ledger, "child", "parent") == {
+            "child": S.RUNNING,
+            "parent": S.PENDING,
+        }
 
     async def test_retry_later_and_claim_again_counts_attempts(self, ledger: Ledger) -> None:
         await new_rollback(ledger, "rb-1", [item("k1")])

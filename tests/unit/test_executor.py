@@ -29,7 +29,7 @@ from sagas.context import CompensationContext, SentCommand
 from sagas.definition import Saga
 from sagas.engine import EngineSettings
 from sagas.errors import CompensationError, LedgerError, PermanentError
-from sagas.ledger import CompensationState, Counts, RollbackRecord, TrackResult
+from sagas.ledger import CompensationState, Counts, Outcome, RollbackRecord, TrackResult
 from sagas.planner import idempotency_key
 from sagas.retry import RetryPolicy
 from sagas.testing import RecordingStatus, SagaTestHarness, tracked
@@ -462,6 +462,43 @@ class TestRetries:
 
 
 # ------------------------------------------------------------- failure isolation
+
+
+class TestLedgerWrites:
+    async def test_outcomes_are_written_with_the_claim_of_what_they_made_ready(self) -> None:
+        # One ledger write per round: the outcomes of the attempts that just
+        # finished go into the transaction of the next claim, written first.
+        async with Shop() as shop:
+            placed, paid, reserved = await shop.checkout("c-1")
+            writes: list[tuple[str, list[str], list[tuple[str, S]]]] = []
+            ledger = shop.h.ledger
+            claim, record_outcomes = ledger.claim, ledger.record_outcomes
+
+            async def claiming(keys: list[str], **kwargs: Any) -> list[str]:
+                outcomes = [(o.idempotency_key, o.state) for o in kwargs.get("outcomes", ())]
+                writes.append(("claim", list(keys), outcomes))
+                return await claim(keys, **kwargs)
+
+            async def recording(outcomes: list[Outcome], **kwargs: Any) -> None:
+                if outcomes:
+                    writes.append(
+                        ("outcomes", [], [(o.idempotency_key, o.state) for o in outcomes])
+                    )
+                await record_outcomes(outcomes, **kwargs)
+
+            ledger.claim = claiming  # type: ignore[method-assign]
+            ledger.record_outcomes = recording  # type: ignore[method-assign]
+            record = await shop.h.rollback(DEPLOYMENT)
+
+            assert record.state == RollbackState.COMPLETED
+            stock, payment, order = (shop.key(e) for e in (reserved, paid, placed))
+            assert writes == [
+                ("claim", [stock], []),
+                ("claim", [payment], [(stock, S.APPLIED)]),
+                ("claim", [order], [(payment, S.APPLIED)]),
+                ("outcomes", [], [(order, S.APPLIED)]),
+            ]
+            assert await shop.state_of(placed) == S.APPLIED
 
 
 class TestFailureIsolation:
