@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -24,16 +24,18 @@ from sagas import tracing
 from sagas.clock import Clock, SystemClock
 from sagas.context import CommandSink
 from sagas.errors import LedgerError, PlanningError
-from sagas.executor import FailureSink, KnownPlan, RollbackRun, RunResult
+from sagas.executor import FailureSink, KnownPlan, PlanParts, RollbackRun, RunResult
 from sagas.ledger import (
     CompensationState,
     Counts,
     Ledger,
+    NewCompensation,
     Outcome,
     RollbackRecord,
     TrackedEvent,
     TrackResult,
 )
+from sagas.ledger.rollbacks import stored_plan
 from sagas.planner import Plan, plan_compensations
 from sagas.registry import Ignored, SagaRegistry
 from schemas.signal import RollbackSignal
@@ -43,6 +45,13 @@ log = logging.getLogger(__name__)
 
 # How many ignored events deep a late event's cause is followed to the blast radius.
 _MAX_IGNORED_CHAIN = 16
+
+# A large plan is stored in parts (`RollbackEngine._store_in_parts`): its run
+# starts once the first part is in, of at least this many items, and the rest
+# follows in transactions of at most PLAN_PART_ROWS, between which the run's
+# own writes get their turn.
+PLAN_FIRST_PART_MIN = 1_000
+PLAN_PART_ROWS = 5_000
 
 RESUMABLE = (RollbackState.RUNNING, RollbackState.ACCEPTED, RollbackState.PLANNING)
 
@@ -335,6 +344,12 @@ class RollbackEngine:
         quarantine = None
         if not signal.dry_run:
             quarantine = now + timedelta(seconds=self.settings.quarantine_seconds)
+        if signal.deployment_id is None:
+            await self.ledger.set_deployment_of(rollback_id, radius.deployment_id)
+        events = {e.event_id: e for e in radius.events}
+        if not signal.dry_run and len(plan.items) > 2 * self._first_part_size():
+            await self._store_in_parts(rollback_id, plan, events, quarantine=quarantine)
+            return
         stored = await self.ledger.save_plan(
             rollback_id,
             plan.new_compensations(),
@@ -344,8 +359,6 @@ class RollbackEngine:
             now=self.clock.now(),
             quarantine_until=quarantine,
         )
-        if signal.deployment_id is None:
-            await self.ledger.set_deployment_of(rollback_id, radius.deployment_id)
         # A dry run's `planned` is its final record; `running` is followed by
         # progress records and a final one, each sent after it. When every
         # compensation is new the plan's counts are known without counting
@@ -364,10 +377,103 @@ class RollbackEngine:
             # it back: the events the plan was made from (tracked events never
             # change) and, when every compensation was new, the plan as
             # stored (together ~30% of planning 10,000 events).
+            self._start(rollback_id, known=KnownPlan(events=events, items=stored))
+
+    def _first_part_size(self) -> int:
+        """Items stored before a large plan's run starts: enough for its first
+        two claims."""
+        return max(2 * self.settings.concurrency, PLAN_FIRST_PART_MIN)
+
+    async def _store_in_parts(
+        self,
+        rollback_id: str,
+        plan: Plan,
+        events: dict[str, TrackedEvent],
+        *,
+        quarantine: datetime | None,
+    ) -> None:
+        """Store a large plan in parts, its run starting once the first is in.
+
+        Storing 100,000 compensations takes seconds, in which the first
+        claims could already have run. The rollback stays `planning` until
+        the last part moves it to `running`, in that part's transaction: a
+        worker that dies in between leaves a rollback that is planned again
+        (`resume`), whose new plan keeps the state of every compensation
+        already stored and done, as planning again always does. Until then
+        the run claims only items already stored (`PlanParts`), and progress
+        records wait (`_tick`): the first record after `planning` is
+        `running`.
+        """
+        items = sorted(plan.new_compensations(), key=lambda i: i.position)
+        size = self._first_part_size()
+        head, rest = items[:size], items[size:]
+        first_new = await self.ledger.add_items(
+            rollback_id, head, now=self.clock.now(), planned=len(items)
+        )
+        parts: PlanParts | None = PlanParts(stored_up_to=rest[0].position)
+        if first_new == len(head):
             self._start(
-                rollback_id,
-                known=KnownPlan(events={e.event_id: e for e in radius.events}, items=stored),
+                rollback_id, known=KnownPlan(events=events, items=stored_plan(items), parts=parts)
             )
+        else:
+            # Compensations of an earlier rollback: only the ledger knows their
+            # state. The run starts once everything is stored, reading it back.
+            parts = None
+        try:
+            while len(rest) > PLAN_PART_ROWS:
+                part, rest = rest[:PLAN_PART_ROWS], rest[PLAN_PART_ROWS:]
+                new = await self.ledger.add_items(rollback_id, part, now=self.clock.now())
+                self._part_stored(rollback_id, parts, rest[0].position, part, new)
+            new_plan = await self.ledger.save_plan(
+                rollback_id,
+                rest,
+                manual=[n.as_dict() for n in plan.manual],
+                uncovered=[n.as_dict() for n in plan.uncovered],
+                state=RollbackState.RUNNING,
+                now=self.clock.now(),
+                quarantine_until=quarantine,
+                planned=len(items),
+            )
+        except Exception:
+            # The plan is not all stored: the rollback stays `planning`, and
+            # planning it again (the signal retried, a reconcile, a restart)
+            # stores it whole and starts a new run.
+            if parts is not None:
+                await self.stop([rollback_id])
+            raise
+        if parts is None:
+            await self._publish(rollback_id, wait=False)
+            self._start(rollback_id, known=KnownPlan(events=events))
+            return
+        self._part_stored(rollback_id, parts, None, rest, len(rest) if new_plan else 0)
+        run = self._runs.get(rollback_id)
+        await self._send(await self.status_of(rollback_id, run), wait=False)
+        if rollback_id not in self.running():
+            # Stopped meanwhile (a rebalance that kept its partition): run it
+            # from the ledger, as a plan stored whole would start now.
+            self._start(rollback_id)
+
+    def _part_stored(
+        self,
+        rollback_id: str,
+        parts: PlanParts | None,
+        next_position: int | None,
+        part: Sequence[NewCompensation],
+        new: int,
+    ) -> None:
+        """Tell the run of a plan stored in parts that one more part is in
+        (`next_position` None: the last)."""
+        if parts is None:
+            return
+        stale = [i.idempotency_key for i in part] if new != len(part) else []
+        if next_position is None:
+            parts.stored(parts.stored_up_to, stale)
+            parts.all_stored()
+        else:
+            parts.stored(next_position, stale)
+        run = self._runs.get(rollback_id)
+        if run is not None:
+            run.plan_stored()
 
     # -- runs ------------------------------------------------------------------
 
@@ -509,6 +615,8 @@ class RollbackEngine:
     async def _tick(self, rollback_id: str) -> None:
         """Progress: at most one record per interval, and only when counts moved
         (or every 30 intervals, as a heartbeat while waiting for confirmations)."""
+        if rollback_id in self._planning:
+            return  # its plan is still being stored: the next record is `running`
         now = self.clock.now()
         last = self._last_tick.get(rollback_id)
         elapsed = (now - last).total_seconds() if last is not None else None

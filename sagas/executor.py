@@ -83,12 +83,37 @@ class _Item:
         return self.record.idempotency_key
 
 
+class PlanParts:
+    """How much of a plan stored in parts is in the ledger yet.
+
+    A large plan's run starts once its first part is stored, while its
+    engine stores the rest: items from position `stored_up_to` on cannot be
+    claimed yet (there is no row to claim). `stale` are keys the engine found
+    known already while storing (an earlier rollback's compensations): only
+    the ledger knows their state, which the run reads once everything is in.
+    """
+
+    def __init__(self, stored_up_to: int) -> None:
+        self.stored_up_to = stored_up_to
+        self.complete = False
+        self.stale: list[str] = []
+
+    def stored(self, up_to: int, stale: Iterable[str] = ()) -> None:
+        """Items before position `up_to` are stored (`stale`: found known)."""
+        self.stored_up_to = max(self.stored_up_to, up_to)
+        self.stale.extend(stale)
+
+    def all_stored(self) -> None:
+        self.complete = True
+
+
 @dataclass(frozen=True, slots=True)
 class KnownPlan:
     """What a run may take as read from the ledger, as its engine just wrote it."""
 
     events: Mapping[str, TrackedEvent]  # tracked events by id
     items: list[CompensationRecord] | None = None  # the plan as stored, in order
+    parts: PlanParts | None = None  # set while `items` are still being stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +185,7 @@ class RollbackRun:
         self._steps: dict[tuple[str, int, str], CompensationStep] = {}
         self._events: dict[str, TrackedEvent] = dict(known.events) if known else {}
         self._stored_plan = list(known.items or []) if known else []
+        self._parts = known.parts if known else None
         self._wake = asyncio.Event()
         # Set by `wake()`: re-read the ledger at the next turn of the loop. A
         # confirmation tracked in this process only wakes the loop: it is
@@ -204,6 +230,10 @@ class RollbackRun:
     def wake(self) -> None:
         """Re-check the ledger now (new confirmations, late items, operator action)."""
         self._reload = True
+        self._wake.set()
+
+    def plan_stored(self) -> None:
+        """More of a plan stored in parts is in the ledger (see `PlanParts`)."""
         self._wake.set()
 
     def stop(self) -> None:
@@ -539,6 +569,7 @@ class RollbackRun:
             now = self.clock.now()
             await self._expire_confirmations(now)
             await self._block_and_unblock(now)
+            await self._take_stored_parts()
             await self._start_ready(now)
             if not self._inflight and self._nothing_left_to_wait_for():
                 failed = [k for k, i in self._items.items() if i.state == S.FAILED]
@@ -608,17 +639,29 @@ class RollbackRun:
                 self._set_state(self._items[key], state)
             await self._read_states(sorted(set(keys) - set(moved)))
 
+    async def _take_stored_parts(self) -> None:
+        """Once the whole plan is stored, read the state of keys it found known."""
+        if self._parts is None or not self._parts.complete:
+            return
+        stale, self._parts = self._parts.stale, None
+        await self._read_states(stale)
+
+    def _stored(self, position: int) -> bool:
+        return self._parts is None or self._parts.complete or position < self._parts.stored_up_to
+
     async def _start_ready(self, now: datetime, outcomes: Sequence[Outcome] = ()) -> None:
         """Claim and start ready items while slots are free; `outcomes` not yet
         in the ledger are written in the claim's transaction, before it."""
         free = self.concurrency - len(self._inflight)
         if free <= 0 or self._stopping:
-            await self.ledger.record_outcomes(outcomes, now=now)
+            await self._record(outcomes, now)
             return
         ready: list[_Item] = []
         chosen: set[str] = set()
         deferred: list[tuple[int, str]] = []
         while self._ready_heap and len(ready) < free:
+            if not self._stored(self._ready_heap[0][0]):
+                break  # the rest of the heap is not stored yet either
             position, key = heapq.heappop(self._ready_heap)
             item = self._items[key]
             if key not in self._ready or key in chosen:
@@ -631,7 +674,7 @@ class RollbackRun:
         for entry in deferred:
             heapq.heappush(self._ready_heap, entry)
         if not ready:
-            await self.ledger.record_outcomes(outcomes, now=now)
+            await self._record(outcomes, now)
             return
         claimed = set(
             await self.ledger.claim(
@@ -655,6 +698,13 @@ class RollbackRun:
         # Not pending in the ledger: another rollback's run holds it (its
         # outcome arrives by polling), or it is done already.
         await self._read_states(unclaimed)
+
+    async def _record(self, outcomes: Sequence[Outcome], now: datetime) -> None:
+        # Not even a turn of the event loop without outcomes: the loop's `now`
+        # must still be now when its sleep starts (a fake clock moved in
+        # between would push the sleep's deadline out).
+        if outcomes:
+            await self.ledger.record_outcomes(outcomes, now=now)
 
     async def _wait(self, now: datetime) -> None:
         # Only deadlines still ahead: one already due is either being handled
@@ -712,7 +762,7 @@ class RollbackRun:
         if start:
             await self._start_ready(now, outcomes)
         else:
-            await self.ledger.record_outcomes(outcomes, now=now)
+            await self._record(outcomes, now)
         if self.on_outcome is not None:
             for outcome in outcomes:
                 self.on_outcome(outcome)

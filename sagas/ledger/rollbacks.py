@@ -259,11 +259,14 @@ class RollbackStore:
         state: str,
         now: datetime,
         quarantine_until: datetime | None = None,
+        planned: int | None = None,
     ) -> list[CompensationRecord] | None:
         """Store a plan and move the rollback to `state`, in one transaction.
 
         Compensations already known (from an earlier rollback of the same
-        events) keep their state: done work is never redone.
+        events) keep their state: done work is never redone. `items` may be
+        the last part of a plan stored in parts (`add_items` stored the
+        others): `planned` is then the whole plan's size.
 
         Returns:
             The plan as stored, in plan order, when every compensation in it
@@ -288,12 +291,15 @@ class RollbackStore:
             return inserted
 
         inserted = await self.writer.run(store)
-        if len(items) >= ANALYZE_AFTER_PLAN and self.engine.dialect.name == "postgresql":
-            previous = self._analyzing
-            self._analyzing = asyncio.ensure_future(self._analyze_after(previous))
+        self._analyze_if_large(len(items) if planned is None else planned)
         if inserted != len(items):
             return None
-        return [_as_stored(item) for item in sorted(items, key=lambda i: i.position)]
+        return stored_plan(items)
+
+    def _analyze_if_large(self, planned: int) -> None:
+        if planned >= ANALYZE_AFTER_PLAN and self.engine.dialect.name == "postgresql":
+            previous = self._analyzing
+            self._analyzing = asyncio.ensure_future(self._analyze_after(previous))
 
     @property
     def refreshing_statistics(self) -> bool:
@@ -330,10 +336,24 @@ class RollbackStore:
             await conn.exec_driver_sql("ANALYZE rollback_items")
 
     async def add_items(
-        self, rollback_id: str, items: Sequence[NewCompensation], *, now: datetime
-    ) -> None:
-        """Append (late) items to an existing rollback's plan."""
-        await self.writer.run(lambda conn: _insert_items(conn, rollback_id, items, now))
+        self,
+        rollback_id: str,
+        items: Sequence[NewCompensation],
+        *,
+        now: datetime,
+        planned: int | None = None,
+    ) -> int:
+        """Append items to an existing rollback's plan (late ones, or a part of
+        a plan stored in parts, `planned` compensations in all), in one
+        transaction; known compensations keep their state, as in `save_plan`.
+
+        Returns:
+            How many of the compensations were new.
+        """
+        inserted = await self.writer.run(lambda conn: _insert_items(conn, rollback_id, items, now))
+        if planned is not None:
+            self._analyze_if_large(planned)
+        return inserted
 
     async def add_manual(
         self, rollback_id: str, entries: list[dict[str, Any]], *, now: datetime
@@ -663,6 +683,11 @@ class RollbackStore:
                 select(t.dead_letters).order_by(t.dead_letters.c.id.desc()).limit(limit)
             )
             return [dict(r._mapping) for r in result.all()]
+
+
+def stored_plan(items: Sequence[NewCompensation]) -> list[CompensationRecord]:
+    """New compensations as `plan_items` reads them back once stored, in plan order."""
+    return [_as_stored(item) for item in sorted(items, key=lambda i: i.position)]
 
 
 def _as_stored(item: NewCompensation) -> CompensationRecord:

@@ -25,6 +25,7 @@ from consumers.decoding import EventDecoder
 from consumers.metrics import PrometheusObserver
 from consumers.settings import Settings
 from consumers.tracker import Tracker
+from sagas import engine as engine_module
 from sagas.context import CompensationContext, SentCommand
 from sagas.definition import Saga
 from sagas.engine import EngineSettings
@@ -462,6 +463,116 @@ class TestRetries:
 
 
 # ------------------------------------------------------------- failure isolation
+
+
+class TestPlanInParts:
+    """A large plan is stored in parts; its run starts on the first one."""
+
+    @pytest.fixture(autouse=True)
+    def small_parts(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # A first part of 4 items (2 x concurrency 2), then parts of 3: a
+        # plan of 12 is stored as 4 + 3 + 3 + 2.
+        monkeypatch.setattr(engine_module, "PLAN_FIRST_PART_MIN", 4)
+        monkeypatch.setattr(engine_module, "PLAN_PART_ROWS", 3)
+
+    @staticmethod
+    def held_after_first_part(shop: Shop, fail: bool = False) -> asyncio.Event:
+        """Hold every part after the first at a gate (and then fail it, if `fail`)."""
+        gate = asyncio.Event()
+        add_items = shop.h.ledger.add_items
+        calls = itertools.count()
+
+        async def held(*args: Any, **kwargs: Any) -> int:
+            if next(calls) > 0:
+                await gate.wait()
+                if fail:
+                    raise LedgerError("ledger unreachable")
+            return await add_items(*args, **kwargs)
+
+        shop.h.ledger.add_items = held  # type: ignore[method-assign]
+        return gate
+
+    async def test_the_first_part_runs_while_the_rest_is_stored(self) -> None:
+        async with Shop(settings=EngineSettings(concurrency=2, poll_interval=0.5)) as shop:
+            payments = [await shop.captured_payment() for _ in range(12)]
+            gate = self.held_after_first_part(shop)
+            planning = asyncio.ensure_future(shop.h.rollback(DEPLOYMENT, settle=False))
+            await until(lambda: len(shop.h.sent) == 4, "the first part's refunds sent")
+            rollback_id = shop.h.statuses.records[0].rollback_id
+            first_part = [c.idempotency_key for c in await shop.h.compensations(rollback_id)]
+            assert len(first_part) == 4
+            for payment in payments:
+                if shop.key(payment) in first_part:
+                    await shop.until_state(payment, S.APPLIED)
+            # Nothing beyond the stored part was claimed, and the rollback is
+            # `planning` until its last part is in, with no progress record.
+            assert sorted(shop.h.keys_sent()) == sorted(first_part)
+            assert (await shop.h.ledger.require_rollback(rollback_id)).state == "planning"
+            assert shop.h.statuses.states(rollback_id) == ["accepted", "planning"]
+
+            gate.set()
+            await planning
+            done = await shop.h.settle(rollback_id)
+
+            assert done.state == RollbackState.COMPLETED
+            assert sorted(shop.h.keys_sent()) == sorted(shop.key(p) for p in payments)
+            assert shop.h.statuses.states(rollback_id) == [
+                "accepted",
+                "planning",
+                "running",
+                "completed",
+            ]
+            plan = await shop.h.compensations(rollback_id)
+            assert [c.position for c in plan] == list(range(12))
+
+    async def test_a_plan_whose_rest_cannot_be_stored_is_planned_again(self) -> None:
+        async with Shop(settings=EngineSettings(concurrency=2, poll_interval=0.5)) as shop:
+            payments = [await shop.captured_payment() for _ in range(12)]
+            gate = self.held_after_first_part(shop, fail=True)
+            planning = asyncio.ensure_future(shop.h.rollback(DEPLOYMENT, settle=False))
+            await until(lambda: len(shop.h.sent) == 4, "the first part's refunds sent")
+            rollback_id = shop.h.statuses.records[0].rollback_id
+            first_part = shop.h.keys_sent()
+            for payment in payments:
+                if shop.key(payment) in first_part:
+                    await shop.until_state(payment, S.APPLIED)
+
+            gate.set()  # the next part fails: the ledger is away
+            with pytest.raises(LedgerError):
+                await planning
+            # The run stopped; the rollback stays `planning`, to be planned again.
+            assert shop.h.engine.running() == []
+            assert (await shop.h.ledger.require_rollback(rollback_id)).state == "planning"
+
+            shop.h.ledger.add_items = type(shop.h.ledger).add_items.__get__(shop.h.ledger)  # type: ignore[method-assign]
+            await shop.h.crash_and_restart()
+            done = await shop.h.settle(rollback_id)
+
+            assert done.state == RollbackState.COMPLETED
+            # Planned again, the first part's refunds are known as applied:
+            # each refund was sent once.
+            assert sorted(shop.h.keys_sent()) == sorted(shop.key(p) for p in payments)
+            assert all(c.state == S.APPLIED for c in await shop.h.compensations(rollback_id))
+
+    async def test_compensations_known_from_an_earlier_rollback_are_not_run_again(
+        self,
+    ) -> None:
+        async with Shop(settings=EngineSettings(concurrency=2, poll_interval=0.5)) as shop:
+            older = [await shop.captured_payment() for _ in range(4)]
+            assert (await shop.h.rollback(DEPLOYMENT)).state == RollbackState.COMPLETED
+            newer = [await shop.captured_payment() for _ in range(8)]
+
+            again = await shop.h.rollback(DEPLOYMENT)
+
+            assert again.state == RollbackState.COMPLETED
+            # Newest first: the first part is new, the refunds already applied
+            # are in the last two parts; the run found them done.
+            plan = await shop.h.compensations(again.rollback_id)
+            assert [c.idempotency_key for c in plan[8:]] == [shop.key(p) for p in reversed(older)]
+            assert sorted(shop.h.keys_sent()) == sorted(shop.key(p) for p in older + newer)
+            assert all(c.state == S.APPLIED for c in plan)
+            final = shop.h.statuses.records[-1]
+            assert (final.state, final.planned, final.applied) == ("completed", 12, 12)
 
 
 class TestLedgerWrites:
