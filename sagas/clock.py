@@ -22,6 +22,9 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds` of this clock's time."""
 
+    async def sleep_until(self, deadline: datetime) -> None:
+        """Wait until this clock reads `deadline` (at once if it is past)."""
+
 
 class SystemClock:
     """Wall-clock time and real sleeping."""
@@ -33,6 +36,10 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         """Really wait."""
         await asyncio.sleep(max(seconds, 0))
+
+    async def sleep_until(self, deadline: datetime) -> None:
+        """Really wait until `deadline`."""
+        await self.sleep((deadline - self.now()).total_seconds())
 
 
 class FakeClock:
@@ -55,11 +62,18 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         """Wait until the clock has been advanced by `seconds`."""
-        if seconds <= 0:
+        await self.sleep_until(self._now + timedelta(seconds=max(seconds, 0)))
+
+    async def sleep_until(self, deadline: datetime) -> None:
+        """Wait until the clock has been advanced to `deadline`.
+
+        A sleeper computes its deadline from the time it read, not from the
+        time its task first runs: `advance()` may come in between.
+        """
+        if deadline <= self._now:
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        deadline = self._now + timedelta(seconds=seconds)
         sequence = next(self._sequence)
         self._tasks[sequence] = asyncio.current_task()
         heapq.heappush(self._sleepers, (deadline, sequence, future))

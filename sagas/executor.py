@@ -700,9 +700,8 @@ class RollbackRun:
         await self._read_states(unclaimed)
 
     async def _record(self, outcomes: Sequence[Outcome], now: datetime) -> None:
-        # Not even a turn of the event loop without outcomes: the loop's `now`
-        # must still be now when its sleep starts (a fake clock moved in
-        # between would push the sleep's deadline out).
+        # Nothing to write, no ledger call: a write is a shielded task and a
+        # turn of the event loop.
         if outcomes:
             await self.ledger.record_outcomes(outcomes, now=now)
 
@@ -710,12 +709,15 @@ class RollbackRun:
         # Only deadlines still ahead: one already due is either being handled
         # (started, expired) or waits for something else (a free slot, a
         # dependency, the next poll), and waking at once for it would spin.
-        delay = self.poll_interval
+        wake_at = now + timedelta(seconds=self.poll_interval)
         deadline = self._next_deadline(now)
         if deadline is not None:
-            delay = min(delay, (deadline - now).total_seconds())
+            wake_at = min(wake_at, deadline)
         waiters: set[asyncio.Future[Any]] = set(self._inflight)
-        sleeper = asyncio.ensure_future(self.clock.sleep(delay))
+        # Until a time, not for a delay: the clock may have moved since `now`
+        # was read (a test's fake clock, advanced while the loop awaited), and
+        # a deadline counted from then would wake late.
+        sleeper = asyncio.ensure_future(self.clock.sleep_until(wake_at))
         woken = asyncio.ensure_future(self._wake.wait())
         waiters |= {sleeper, woken}
         self.idle = not self._inflight
