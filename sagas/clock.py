@@ -19,9 +19,6 @@ class Clock(Protocol):
     def now(self) -> datetime:
         """The current time, UTC-aware."""
 
-    async def sleep(self, seconds: float) -> None:
-        """Wait `seconds` of this clock's time."""
-
     async def sleep_until(self, deadline: datetime) -> None:
         """Wait until this clock reads `deadline` (at once if it is past)."""
 

@@ -466,11 +466,7 @@ class RollbackEngine:
         if parts is None:
             return
         stale = [i.idempotency_key for i in part] if new != len(part) else []
-        if next_position is None:
-            parts.stored(parts.stored_up_to, stale)
-            parts.all_stored()
-        else:
-            parts.stored(next_position, stale)
+        parts.stored(next_position, stale)
         run = self._runs.get(rollback_id)
         if run is not None:
             run.plan_stored()

@@ -98,13 +98,14 @@ class PlanParts:
         self.complete = False
         self.stale: list[str] = []
 
-    def stored(self, up_to: int, stale: Iterable[str] = ()) -> None:
-        """Items before position `up_to` are stored (`stale`: found known)."""
-        self.stored_up_to = max(self.stored_up_to, up_to)
+    def stored(self, up_to: int | None, stale: Iterable[str] = ()) -> None:
+        """Items before position `up_to` are stored, all of them when None
+        (`stale`: found known)."""
+        if up_to is None:
+            self.complete = True
+        else:
+            self.stored_up_to = max(self.stored_up_to, up_to)
         self.stale.extend(stale)
-
-    def all_stored(self) -> None:
-        self.complete = True
 
 
 @dataclass(frozen=True, slots=True)
