@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from sagas.context import Headers
-from sagas.ledger import CompensationRecord, Ledger, TrackedEvent, envelope_fields
+from sagas.ledger import Ledger, PlanRecord, TrackedEvent, envelope_fields
 from sagas.tracing import current_headers
 from schemas.dlq import DeadLetter
 from schemas.headers import COMPENSATES_HEADER, IDEMPOTENCY_KEY_HEADER, ROLLBACK_ID_HEADER
@@ -206,7 +206,7 @@ class DeadLetters:
             log.warning("could not copy dead letters into the ledger", exc_info=True)
 
     async def compensation_failed(
-        self, rollback_id: str, item: CompensationRecord, event: TrackedEvent, error: str
+        self, rollback_id: str, item: PlanRecord, event: TrackedEvent, error: str
     ) -> None:
         """An exhausted compensation: its event goes to the DLQ with the reason."""
         from datetime import UTC, datetime

@@ -35,7 +35,6 @@ from sagas.ledger import (
     TrackedEvent,
     TrackResult,
 )
-from sagas.ledger.rollbacks import stored_plan
 from sagas.planner import Plan, plan_compensations
 from sagas.registry import Ignored, SagaRegistry
 from schemas.signal import RollbackSignal
@@ -412,9 +411,7 @@ class RollbackEngine:
         )
         parts: PlanParts | None = PlanParts(stored_up_to=rest[0].position)
         if first_new == len(head):
-            self._start(
-                rollback_id, known=KnownPlan(events=events, items=stored_plan(items), parts=parts)
-            )
+            self._start(rollback_id, known=KnownPlan(events=events, items=items, parts=parts))
         else:
             # Compensations of an earlier rollback: only the ledger knows their
             # state. The run starts once everything is stored, reading it back.

@@ -31,10 +31,11 @@ from sagas.errors import CompensationError, PermanentError, UpcastError
 from sagas.late_order import PlanIndex, late_dependencies
 from sagas.ledger import (
     DONE_STATES,
-    CompensationRecord,
     Counts,
     Ledger,
+    NewCompensation,
     Outcome,
+    PlanRecord,
     TrackedEvent,
     envelope_from_tracked,
 )
@@ -54,14 +55,14 @@ class FailureSink(Protocol):
     """Told about every compensation that exhausted its retries (→ DLQ)."""
 
     async def compensation_failed(
-        self, rollback_id: str, item: CompensationRecord, event: TrackedEvent, error: str
+        self, rollback_id: str, item: PlanRecord, event: TrackedEvent, error: str
     ) -> None:
         """Record the failure somewhere an operator looks."""
 
 
 @dataclass(slots=True)
 class _Item:
-    record: CompensationRecord
+    record: PlanRecord
     step: CompensationStep
     state: S
     attempts: int
@@ -113,7 +114,8 @@ class KnownPlan:
     """What a run may take as read from the ledger, as its engine just wrote it."""
 
     events: Mapping[str, TrackedEvent]  # tracked events by id
-    items: list[CompensationRecord] | None = None  # the plan as stored, in order
+    # The plan as stored, in order, when every compensation in it was new.
+    items: Sequence[NewCompensation] | None = None
     parts: PlanParts | None = None  # set while `items` are still being stored
 
 
@@ -300,8 +302,9 @@ class RollbackRun:
             self._confirmed_while_loading.clear()
 
     async def _read_plan(self) -> None:
-        fresh, self._stored_plan = self._stored_plan, []
-        after = max((r.position + 1 for r in fresh), default=self._next_position)
+        stored, self._stored_plan = self._stored_plan, []
+        after = max((r.position + 1 for r in stored), default=self._next_position)
+        fresh: list[PlanRecord] = [*stored]
         fresh += await self.ledger.plan_items(self.rollback_id, min_position=after)
         fresh = [r for r in fresh if r.idempotency_key not in self._items]
         missing_events = {r.event_id for r in fresh if r.event_id not in self._events}
@@ -309,14 +312,18 @@ class RollbackRun:
             self._events.update(await self.ledger.events_by_id(missing_events))
         for record in fresh:
             self._next_position = max(self._next_position, record.position + 1)
-            self._items[record.idempotency_key] = _Item(
-                record=record,
-                step=self._step_for(record),
-                state=record.state,
-                attempts=record.attempts,
-                next_attempt_at=record.next_attempt_at,
-                confirm_deadline=record.confirm_deadline,
-            )
+            if isinstance(record, NewCompensation):
+                item = _Item(record, self._step_for(record), S.PENDING, 0, None, None)
+            else:
+                item = _Item(
+                    record=record,
+                    step=self._step_for(record),
+                    state=record.state,
+                    attempts=record.attempts,
+                    next_attempt_at=record.next_attempt_at,
+                    confirm_deadline=record.confirm_deadline,
+                )
+            self._items[record.idempotency_key] = item
         for record in fresh:
             item = self._items[record.idempotency_key]
             for dependency in record.depends_on:
@@ -538,14 +545,14 @@ class RollbackRun:
             elif dependent.waiting_on:
                 self._ready.discard(key)
 
-    def _step_for(self, record: CompensationRecord) -> CompensationStep:
+    def _step_for(self, record: PlanRecord) -> CompensationStep:
         slot = (record.event_type, record.target_version, record.step)
         step = self._steps.get(slot)
         if step is None:
             step = self._steps[slot] = self._find_step(record)
         return step
 
-    def _find_step(self, record: CompensationRecord) -> CompensationStep:
+    def _find_step(self, record: PlanRecord) -> CompensationStep:
         resolution = self.registry.resolve(record.event_type, record.target_version)
         if isinstance(resolution, Compensate) and resolution.step.name == record.step:
             return resolution.step

@@ -35,6 +35,7 @@ from sagas.executor import FailureSink
 from sagas.ledger import (
     CompensationRecord,
     Ledger,
+    PlanRecord,
     RollbackRecord,
     TrackedEvent,
     TrackResult,
@@ -88,7 +89,7 @@ class RecordingFailures(FailureSink):
         self.failed: list[tuple[str, str, str]] = []
 
     async def compensation_failed(
-        self, rollback_id: str, item: CompensationRecord, event: TrackedEvent, error: str
+        self, rollback_id: str, item: PlanRecord, event: TrackedEvent, error: str
     ) -> None:
         """Keep it."""
         self.failed.append((rollback_id, item.idempotency_key, error))

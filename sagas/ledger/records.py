@@ -222,6 +222,13 @@ class NewCompensation:
     late: bool = False
 
 
+# A compensation of a rollback's plan: as the ledger reads it back, or as
+# its engine just stored it (every compensation new: pending, never
+# attempted). Building the first from the second took ~3 µs a compensation
+# (0.3 s before the run of a 100,000-compensation plan could start).
+PlanRecord = CompensationRecord | NewCompensation
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """The result of one attempt, written by the executor in batches."""

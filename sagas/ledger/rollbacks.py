@@ -260,7 +260,7 @@ class RollbackStore:
         now: datetime,
         quarantine_until: datetime | None = None,
         planned: int | None = None,
-    ) -> list[CompensationRecord] | None:
+    ) -> list[NewCompensation] | None:
         """Store a plan and move the rollback to `state`, in one transaction.
 
         Compensations already known (from an earlier rollback of the same
@@ -269,9 +269,10 @@ class RollbackStore:
         others): `planned` is then the whole plan's size.
 
         Returns:
-            The plan as stored, in plan order, when every compensation in it
-            was new (so the ledger holds exactly what was planned: a run can
-            start from it without reading it back); None otherwise.
+            `items` in plan order when every compensation in it was new (so
+            the ledger holds exactly what was planned, each pending and never
+            attempted: a run can start from it without reading it back); None
+            otherwise.
         """
 
         def store(conn: Connection) -> int:
@@ -294,7 +295,7 @@ class RollbackStore:
         self._analyze_if_large(len(items) if planned is None else planned)
         if inserted != len(items):
             return None
-        return stored_plan(items)
+        return sorted(items, key=lambda item: item.position)
 
     def _analyze_if_large(self, planned: int) -> None:
         if planned >= ANALYZE_AFTER_PLAN and self.engine.dialect.name == "postgresql":
@@ -683,34 +684,6 @@ class RollbackStore:
                 select(t.dead_letters).order_by(t.dead_letters.c.id.desc()).limit(limit)
             )
             return [dict(r._mapping) for r in result.all()]
-
-
-def stored_plan(items: Sequence[NewCompensation]) -> list[CompensationRecord]:
-    """New compensations as `plan_items` reads them back once stored, in plan order."""
-    return [_as_stored(item) for item in sorted(items, key=lambda i: i.position)]
-
-
-def _as_stored(item: NewCompensation) -> CompensationRecord:
-    """A compensation just inserted, as `plan_items` would read it back."""
-    return CompensationRecord(
-        idempotency_key=item.idempotency_key,
-        event_id=item.event_id,
-        saga=item.saga,
-        step=item.step,
-        event_type=item.event_type,
-        target_version=item.target_version,
-        correlation_id=item.correlation_id,
-        state=S.PENDING,
-        attempts=0,
-        last_error=None,
-        confirm_type=item.confirm_type,
-        confirm_deadline=None,
-        next_attempt_at=None,
-        skip_reason=None,
-        position=item.position,
-        depends_on=tuple(item.depends_on),
-        late=item.late,
-    )
 
 
 def _is_key(key: str) -> Any:
