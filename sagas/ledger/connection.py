@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from sagas.ledger.jsontext import json_text
+from sagas.ledger.jsontext import json_text, json_value
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # Key of the PostgreSQL advisory lock that serialises migrations ("backout").
@@ -33,12 +33,20 @@ def create_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, json_serializer=json_text
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT},
+            json_serializer=json_text,
+            json_deserializer=json_value,
         )
         event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
     return create_async_engine(
-        url, pool_size=10, max_overflow=10, pool_pre_ping=True, json_serializer=json_text
+        url,
+        pool_size=10,
+        max_overflow=10,
+        pool_pre_ping=True,
+        json_serializer=json_text,
+        json_deserializer=json_value,
     )
 
 

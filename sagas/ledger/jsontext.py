@@ -1,13 +1,16 @@
-"""The ledger's JSON text: orjson where it writes what `json.dumps` would.
+"""The ledger's JSON text: orjson where it writes what `json.dumps` would,
+and reads what `json.loads` would.
 
 Every JSON value the ledger stores goes through `json_text`: PostgreSQL's
 bulk documents (`sagas.ledger.dialect`) and SQLAlchemy's JSON columns on
-both backends (the engines' `json_serializer`).
+both backends (the engines' `json_serializer`). Every one it reads from a
+JSON column goes through `json_value` (the engines' `json_deserializer`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -35,3 +38,25 @@ def json_text(value: Any) -> str:
         return orjson.dumps(value, option=_ORJSON_OPTIONS).decode()
     except (orjson.JSONEncodeError, TypeError):
         return json.dumps(value)
+
+
+# 19 digits in a row: possibly an integer beyond 64 bits, which orjson reads
+# as a float where `json.loads` keeps it exact. Rare in payloads; a string
+# or a fraction that matches merely takes the slower path.
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+
+
+def json_value(text: str) -> Any:
+    """The value of JSON `text`, as `json.loads` gives it: orjson, or the
+    standard library where orjson would read it otherwise (19 digits in a
+    row) or refuses it (NaN and infinities, lone surrogates).
+
+    A tracked event's payload with orjson: ~0.9 instead of ~2.3 µs (a
+    100,000-event blast radius reads 125,000 of them).
+    """
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagas.ledger.connection import SQLITE_BUSY_TIMEOUT, sqlite_pragmas
-from sagas.ledger.jsontext import json_text
+from sagas.ledger.jsontext import json_text, json_value
 from sagas.ledger.tracking import sqlite_write_lock, write_transaction
 
 T = TypeVar("T")
@@ -82,7 +82,10 @@ class LedgerWriter:
     def _start(self) -> ThreadPoolExecutor:
         assert self._url is not None
         engine = create_engine(
-            self._url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT}, json_serializer=json_text
+            self._url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT},
+            json_serializer=json_text,
+            json_deserializer=json_value,
         )
         event.listen(engine, "connect", sqlite_pragmas)
         self._thread_engine = engine

@@ -1,8 +1,9 @@
-"""The ledger encodes JSON with orjson, else the standard library.
+"""The ledger encodes and decodes JSON with orjson, else the standard library.
 
 `sagas.ledger.jsontext.json_text` must give text that decodes to the very value
 `json.dumps` would have written, for anything JSON can hold: lone
-surrogates and integers beyond 64 bits go to the standard library.
+surrogates and integers beyond 64 bits go to the standard library. And
+`json_value` must read any JSON text as `json.loads` does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sagas.ledger.jsontext import json_text
+from sagas.ledger import jsontext
+from sagas.ledger.jsontext import json_text, json_value
 
 JSON_VALUES = st.recursive(
     st.none()
@@ -37,6 +39,49 @@ def test_the_text_decodes_to_what_the_standard_library_writes(value: Any) -> Non
     text = json_text(value)
     # repr: -0.0 stays -0.0, floats keep their digits, keys their order.
     assert repr(json.loads(text)) == repr(json.loads(json.dumps(value)))
+
+
+# What the standard library writes besides: NaN and infinities.
+WRITTEN_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(WRITTEN_VALUES)
+def test_the_value_read_is_what_the_standard_library_reads(value: Any) -> None:
+    for text in {json.dumps(value), json.dumps(value, ensure_ascii=False), json_text(value)}:
+        # repr: -0.0 stays -0.0, NaN is NaN, integers stay exact.
+        assert repr(json_value(text)) == repr(json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[18446744073709551616]",  # 2**64: a float in orjson
+        "[-99999999999999999999]",
+        "[9223372036854775807, 1.0000000000000000001]",
+        '{"n": NaN, "i": -Infinity}',
+        '["\\ud800"]',
+    ],
+)
+def test_what_orjson_reads_otherwise_or_refuses_is_read_as_json_does(text: str) -> None:
+    assert repr(json_value(text)) == repr(json.loads(text))
+
+
+def test_orjson_reads_what_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(text: str) -> Any:
+        raise AssertionError(f"the standard library read {text!r}")
+
+    monkeypatch.setattr(jsontext.json, "loads", refuse)
+    assert json_value('{"order": "o-1", "amount": 12.5, "items": [1, 2]}') == {
+        "order": "o-1",
+        "amount": 12.5,
+        "items": [1, 2],
+    }
 
 
 def test_orjson_writes_what_it_can() -> None:
