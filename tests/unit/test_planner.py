@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from sagas import planner
 from sagas.definition import Saga
 from sagas.ledger.records import TrackedEvent
 from sagas.planner import IDEMPOTENCY_NAMESPACE, Plan, idempotency_key, plan_compensations
@@ -220,6 +221,52 @@ class TestCausation:
 
 
 # ------------------------------------------------------------------- instances
+
+
+# Random blast radii: times with ties, causes anywhere (later in time, the
+# event itself, outside the radius, in cycles).
+RADII = st.integers(min_value=1, max_value=25).flatmap(
+    lambda n: st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=4),  # time: ties are common
+            st.sampled_from(["OrderPlaced", "PaymentCaptured", "ParcelShipped", "OrderViewed"]),
+            st.none() | st.integers(min_value=0, max_value=n),  # n: outside the radius
+        ),
+        min_size=n,
+        max_size=n,
+    )
+)
+
+
+class TestForwardOrder:
+    """The forward order, found by one sort when causes precede their effects
+    in time, else by Kahn's algorithm: the same order either way."""
+
+    @given(RADII)
+    def test_the_sorted_order_is_the_one_kahns_algorithm_gives(
+        self, radius: list[tuple[int, str, int | None]]
+    ) -> None:
+        by_id = {
+            f"e{i}": event(
+                f"e{i}", event_type, at=at, causation_id=None if cause is None else f"e{cause}"
+            )
+            for i, (at, event_type, cause) in enumerate(radius)
+        }
+
+        def priority(event_id: str) -> tuple[datetime, int, str]:
+            e = by_id[event_id]
+            return (e.occurred_at, REGISTRY.step_rank(e.event_type), event_id)
+
+        assert planner._forward_order(by_id, REGISTRY) == planner._kahn(by_id, priority)
+
+    def test_a_cause_later_in_time_than_its_effect_comes_first(self) -> None:
+        # Not the sorted order: the fast path must notice and give way.
+        by_id = {
+            "child": event("child", "ParcelShipped", at=1, causation_id="parent"),
+            "parent": event("parent", "OrderPlaced", at=2),
+            "other": event("other", "OrderPlaced", at=0),
+        }
+        assert planner._forward_order(by_id, REGISTRY) == ["other", "parent", "child"]
 
 
 class TestSagaInstances:
