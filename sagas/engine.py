@@ -453,7 +453,8 @@ class RollbackEngine:
             self._start(rollback_id)
 
     async def _first_claim(self, rollback_id: str, parts: PlanParts) -> None:
-        """Wait until the run just started has claimed its first items, or ended.
+        """Wait until the run just started has made its first claim (or found
+        nothing it could claim yet), or ended.
 
         The rest of the plan is stored after that claim: on SQLite, whose one
         writer takes the writes in turn, the claim would otherwise wait for a

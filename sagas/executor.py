@@ -92,7 +92,8 @@ class PlanParts:
     claimed yet (there is no row to claim). `stale` are keys the engine found
     known already while storing (an earlier rollback's compensations): only
     the ledger knows their state, which the run reads once everything is in.
-    `started` is set once the run has claimed its first items.
+    `started` is set once the run has made its first claim (or found
+    nothing it could claim yet).
     """
 
     def __init__(self, stored_up_to: int) -> None:
