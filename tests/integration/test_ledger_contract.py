@@ -7,6 +7,7 @@ empty database of each kind to every test.
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -116,6 +117,12 @@ def as_planned(record: CompensationRecord) -> NewCompensation:
         depends_on=record.depends_on,
         late=record.late,
     )
+
+
+async def must_get(ledger: Ledger, event_id: str) -> TrackedEvent:
+    found = await ledger.get_event(event_id)
+    assert found is not None, event_id
+    return found
 
 
 async def add_rollback(
@@ -473,6 +480,34 @@ class LedgerContract:
 
         assert {e.event_id for e in await ledger.causal_closure([x])} == {"x", "y", "z"}
         assert [e.event_id for e in await ledger.causal_closure([loop])] == ["self"]
+
+    async def test_causal_closure_is_every_descendant_read_whole(self, ledger: Ledger) -> None:
+        # A random causation graph with chains, fan-outs, cycles, self-loops
+        # and parents never tracked, against a walk of it done here.
+        rng = random.Random(8)
+        ids = [f"e{i:03d}" for i in range(300)]
+        cause = {i: rng.choice([None, None, "untracked", *ids]) for i in ids}
+        await ledger.track(
+            [
+                event(i, n % 7, causation=cause[i], payload={"n": n, "big": 2**70})
+                for n, i in enumerate(ids)
+            ],
+            now=T0,
+        )
+        roots = rng.sample(ids, 12)
+        expected = set(roots)
+        frontier = set(roots)
+        while frontier:
+            frontier = {i for i in ids if cause[i] in frontier} - expected
+            expected |= frontier
+
+        closure = await ledger.causal_closure([await must_get(ledger, r) for r in roots])
+
+        assert sorted(e.event_id for e in closure) == sorted(expected)
+        assert [e.event_id for e in closure[: len(roots)]] == roots  # the roots first
+        for e in closure:
+            assert e == await ledger.get_event(e.event_id)
+        assert await ledger.causal_closure([]) == []
 
     async def test_events_caused_by_many_ids(self, ledger: Ledger) -> None:
         parents = [event(f"p{i:04d}", i) for i in range(1200)]
