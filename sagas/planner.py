@@ -217,7 +217,8 @@ def _forward_order(by_id: dict[str, TrackedEvent], registry: SagaRegistry) -> li
 
     # Causes nearly always precede their effects in time: sorted by priority
     # alone, the events are then already in that order, which one sort finds
-    # faster than a heap (0.2 instead of 0.5 s for 100,000 events).
+    # faster than a heap (sort and check 0.05-0.08 s against 0.26-0.29 s for
+    # 100,000 events, measured in process).
     by_priority = sorted(by_id, key=priority)
     if _parents_first(by_priority, by_id):
         return by_priority

@@ -22,31 +22,30 @@ MIGRATION_LOCK_KEY = 0x6261636B6F7574
 # Seconds a SQLite connection waits for another process's write lock.
 SQLITE_BUSY_TIMEOUT = 30
 
+# What every ledger engine is built with: JSON columns written by `json_text`
+# and read by `json_value`; on SQLite, the busy timeout as well (the async
+# engines here, the writer thread's synchronous one in `writer`).
+JSON_CODECS: dict[str, Any] = {"json_serializer": json_text, "json_deserializer": json_value}
+SQLITE_ENGINE_OPTIONS: dict[str, Any] = {
+    "connect_args": {"timeout": SQLITE_BUSY_TIMEOUT},
+    **JSON_CODECS,
+}
+
 
 def create_engine(url: str) -> AsyncEngine:
     """An async engine for `url`, tuned for the ledger's access pattern.
 
     SQLite gets a busy timeout instead of failing at once on a locked file
     (WAL mode is set once per file, by `migrate`). JSON columns are written
-    by `json_text` (orjson).
+    by `json_text` and read by `json_value` (orjson).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_async_engine(
-            url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT},
-            json_serializer=json_text,
-            json_deserializer=json_value,
-        )
+        engine = create_async_engine(url, **SQLITE_ENGINE_OPTIONS)
         event.listen(engine.sync_engine, "connect", sqlite_pragmas)
         return engine
     return create_async_engine(
-        url,
-        pool_size=10,
-        max_overflow=10,
-        pool_pre_ping=True,
-        json_serializer=json_text,
-        json_deserializer=json_value,
+        url, pool_size=10, max_overflow=10, pool_pre_ping=True, **JSON_CODECS
     )
 
 

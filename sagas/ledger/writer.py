@@ -33,8 +33,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sagas.ledger.connection import SQLITE_BUSY_TIMEOUT, sqlite_pragmas
-from sagas.ledger.jsontext import json_text, json_value
+from sagas.ledger.connection import SQLITE_ENGINE_OPTIONS, sqlite_pragmas
 from sagas.ledger.tracking import sqlite_write_lock, write_transaction
 
 T = TypeVar("T")
@@ -81,12 +80,7 @@ class LedgerWriter:
 
     def _start(self) -> ThreadPoolExecutor:
         assert self._url is not None
-        engine = create_engine(
-            self._url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT},
-            json_serializer=json_text,
-            json_deserializer=json_value,
-        )
+        engine = create_engine(self._url, **SQLITE_ENGINE_OPTIONS)
         event.listen(engine, "connect", sqlite_pragmas)
         self._thread_engine = engine
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -104,19 +104,7 @@ def as_planned(record: CompensationRecord) -> NewCompensation:
         record.next_attempt_at,
         record.skip_reason,
     ) == untouched
-    return NewCompensation(
-        idempotency_key=record.idempotency_key,
-        event_id=record.event_id,
-        saga=record.saga,
-        step=record.step,
-        event_type=record.event_type,
-        target_version=record.target_version,
-        correlation_id=record.correlation_id,
-        confirm_type=record.confirm_type,
-        position=record.position,
-        depends_on=record.depends_on,
-        late=record.late,
-    )
+    return NewCompensation(**{f.name: getattr(record, f.name) for f in fields(NewCompensation)})
 
 
 async def must_get(ledger: Ledger, event_id: str) -> TrackedEvent:
