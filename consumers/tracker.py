@@ -39,14 +39,11 @@ CATCH_UP_POLL_SECONDS = 0.05
 class _Revocations(ConsumerRebalanceListener):
     """Counts partition revocations (every rebalance of this member starts with one)."""
 
-    def __init__(self, on_revoked: Callable[[], None] | None = None) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.on_revoked = on_revoked
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.count += 1
-        if self.on_revoked is not None:
-            self.on_revoked()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return None
@@ -80,10 +77,7 @@ class Tracker(Service):
         self.duplicates = 0
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
-        # Per partition, the next offset to read once the ledger holds what
-        # came before it: tracked here since the last rebalance (`caught_up`).
-        self._stored: dict[TopicPartition, int] = {}
-        self._revocations = _Revocations(on_revoked=self._stored.clear)
+        self._revocations = _Revocations()
         self._memory = MemoryReleaser()
 
     async def on_start(self) -> None:
@@ -140,9 +134,13 @@ class Tracker(Service):
         """Wait, at most `timeout` seconds, until the ledger holds every record
         on the tracked topics now: each partition tracked up to its end offset.
 
-        Partitions assigned here are checked against what this tracker has
-        stored since its last rebalance, the others (another worker's) against
-        the group's committed offsets, which follow their ledger writes.
+        Every partition counts by the group's committed offsets, which a
+        tracker (this one or another worker's) moves only after its ledger
+        write. Not by what this tracker remembers storing: after the
+        development broker restarts empty, that belongs to a log that is gone,
+        and until the tracker notices (a rebalance, seconds later) it would
+        cover the new log's lower end offsets without having read a record of
+        it; the broker's committed offsets went with the old log.
         On the development broker, end offsets can be low after a
         multi-record batch (BROKER.md): the wait may then end once the
         batch's first record is tracked (its fetch holds the whole batch).
@@ -162,37 +160,22 @@ class Tracker(Service):
                 ]
                 if not partitions:
                     return True
-                ends = await consumer.end_offsets(partitions)
+                # Asked together: one round trip when tracking is there already.
+                ends, committed = await asyncio.gather(
+                    consumer.end_offsets(partitions), _committed(consumer, partitions)
+                )
                 behind = {tp: end for tp, end in ends.items() if end > 0}
                 while True:
-                    behind = await self._still_behind(consumer, behind)
+                    behind = {tp: end for tp, end in behind.items() if committed[tp] < end}
                     if not behind:
                         return True
                     await asyncio.sleep(CATCH_UP_POLL_SECONDS)
+                    committed = await _committed(consumer, list(behind))
         except TimeoutError:
             return False
         except KafkaError as exc:
-            log.warning("could not read the tracked topics' end offsets: %s", exc)
+            log.warning("could not read the tracked topics' offsets: %s", exc)
             return False
-
-    async def _still_behind(
-        self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]
-    ) -> dict[TopicPartition, int]:
-        """The partitions of `ends` not yet tracked up to their end offset."""
-        mine = consumer.assignment()
-        behind = {
-            tp: end
-            for tp, end in ends.items()
-            if not (tp in mine and self._stored.get(tp, -1) >= end)
-        }
-        # Another worker's, or ours but nothing stored here since the last
-        # rebalance (tracked before it, or by the previous owner).
-        ask = [tp for tp in behind if tp not in mine or tp not in self._stored]
-        committed = await asyncio.gather(*(consumer.committed(tp) for tp in ask))
-        for tp, offset in zip(ask, committed, strict=True):
-            if offset is not None and offset >= behind[tp]:
-                del behind[tp]
-        return behind
 
     async def process(self, batch: Batch, *, fetched_in: int | None = None) -> TrackResult:
         """Dead-letter the bad records, store the good ones, then commit.
@@ -226,7 +209,6 @@ class Tracker(Service):
             # On the DLQ topic before the batch's offsets are committed.
             await self.dead_letters.record_all(rejected, now=self.clock.now())
         result = await self._store(events, offsets)
-        self._stored.update(commit)
         self.tracked += len(result.new_events)
         self.duplicates += result.duplicates
         self.invalid += len(rejected)
@@ -313,3 +295,13 @@ class Tracker(Service):
             # The partitions moved to another worker mid-batch; it re-reads
             # from the last commit and the ledger drops the duplicates.
             log.warning("offset commit failed (records will be re-read): %s", exc)
+
+
+async def _committed(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The group's committed offset of each partition (-1: none yet)."""
+    offsets = await asyncio.gather(*(consumer.committed(tp) for tp in partitions))
+    return {
+        tp: -1 if offset is None else offset for tp, offset in zip(partitions, offsets, strict=True)
+    }
