@@ -1,0 +1,63 @@
+"""`python -m bench.cpu`: the in-process CPU yardstick runs on both ledgers and
+reports what docs/benchmarks.md says it does.
+
+Not a timed test: it checks that every rollback completed (the tool fails
+otherwise) and that the figures it prints are consistent with one another,
+never how large they are.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.worker import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURE = r"([0-9.]+) \[([0-9.]+)-([0-9.]+)\]"
+
+
+@pytest.mark.timeout(300)
+def test_it_reports_cpu_per_compensation_on_both_ledgers() -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cpu",
+            "--database",
+            "both",
+            "--instances",
+            "300",
+            "--repeat",
+            "2",
+        ],
+        cwd=ROOT,
+        env=subprocess_env({}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-4000:]
+    for label in ("SQLite", "PostgreSQL"):
+        header = f"{label}, 600 compensations, 2 rollback(s), CPU per compensation"
+        assert header in completed.stdout, output
+        section = completed.stdout.split(header, 1)[1]
+        figures = {}
+        for part in ("total", "planning", "running"):
+            match = re.search(rf"{part} +{FIGURE} µs", section)
+            assert match is not None, f"no {part} line for {label}:\n{output}"
+            median, low, high = (float(g) for g in match.groups())
+            assert 0 < low <= median <= high, match.group(0)
+            figures[part] = median
+        # Medians of sums are not sums of medians; with 2 runs each is a mean.
+        assert figures["total"] == pytest.approx(
+            figures["planning"] + figures["running"], rel=0.02, abs=0.2
+        ), figures
+        assert re.search(rf"wall +{FIGURE} s", section), section
