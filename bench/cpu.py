@@ -11,7 +11,7 @@ Reported: the process's CPU time from the signal to the first command
 (planning) and from there to the end (running), per compensation, as the
 median of several rollbacks with [min-max]. The workers' settings that bear
 on it are the benchmark's: `BACKOUT_CONCURRENCY=1024`, the worker's garbage
-collector thresholds.
+collector thresholds, no guard on the blast radius's size.
 
 Examples:
     python -m bench.cpu                         # SQLite, 10,000 compensations, 3 rollbacks
@@ -91,7 +91,9 @@ def _instance(harness: SagaTestHarness, n: int) -> list[EventEnvelope]:
 
 async def measure(url: str, instances: int) -> Measurement:
     """Track `instances` x 2 events into the ledger at `url`, then roll them back once."""
-    settings = EngineSettings(poll_interval=0.5, concurrency=CONCURRENCY)
+    settings = EngineSettings(
+        poll_interval=0.5, concurrency=CONCURRENCY, max_compensations=100_000_000
+    )
     sink = _FirstCommand()
     harness = SagaTestHarness(peer, settings=settings, database_url=url)
     harness.commands = sink  # before its engine is made, at `async with`
