@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
 from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
@@ -56,6 +55,9 @@ class CompensationContext:
         attempt: 1 for the first attempt.
         envelope: the full envelope of the event being undone.
         saga: name of the saga the step belongs to.
+        traced: whether `send` makes a producer span, i.e. a tracer provider
+            is installed; the run tells it for its whole batch of attempts.
+            None (the default): `send` asks OpenTelemetry.
     """
 
     rollback_id: str
@@ -66,6 +68,7 @@ class CompensationContext:
     saga: str
     sink: CommandSink
     sent: list[SentCommand] = field(default_factory=list)
+    traced: bool | None = None
 
     async def send(
         self,
@@ -91,7 +94,8 @@ class CompensationContext:
             (ROLLBACK_ID_HEADER, self.rollback_id.encode()),
             (COMPENSATES_HEADER, self.envelope.event_id.encode()),
         ]
-        if not tracing.installed():
+        traced = tracing.installed() if self.traced is None else self.traced
+        if not traced:
             # No span to make (the no-op tracer would hand back the current
             # one): the command carries the current context as it is.
             await self._deliver(topic, _encode_value(value), encoded_key, record_headers)

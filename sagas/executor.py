@@ -28,6 +28,7 @@ from sagas.clock import Clock
 from sagas.context import CommandSink, CompensationContext
 from sagas.definition import CompensationStep
 from sagas.errors import CompensationError, PermanentError, UpcastError
+from sagas.handler_timeouts import HandlerTimeouts
 from sagas.late_order import PlanIndex, late_dependencies
 from sagas.ledger import (
     DONE_STATES,
@@ -203,6 +204,7 @@ class RollbackRun:
         self._loading = False
         self._confirmed_while_loading: set[str] = set()
         self._inflight: dict[asyncio.Task[Outcome], str] = {}
+        self._timeouts = HandlerTimeouts()
         self._running_here: set[str] = set()
         # Keys whose dependencies are done and that are pending; the heap
         # orders them by plan position and may hold stale entries.
@@ -291,6 +293,7 @@ class RollbackRun:
                 task.cancel()
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
+            self._timeouts.close()
 
     async def _load(self) -> None:
         """Read new plan items (late events) and states changed outside this run."""
@@ -696,6 +699,10 @@ class RollbackRun:
             )
         )
         unclaimed = []
+        # Asked once for the batch, not twice per attempt: OpenTelemetry looks
+        # the answer up in os.environ each time (~1 µs) until a provider is set.
+        traced = tracing.installed()
+        started: dict[float, list[asyncio.Task[Outcome]]] = {}
         for item in ready:
             if item.state in FINAL_STATES:
                 # Confirmed while the claim was written (the service answered
@@ -707,8 +714,11 @@ class RollbackRun:
                 continue
             item.attempts += 1
             self._running_here.add(item.key)
-            task = asyncio.create_task(self._attempt(item, item.attempts))
+            task = asyncio.create_task(self._attempt(item, item.attempts, traced=traced))
             self._inflight[task] = item.key
+            started.setdefault(item.step.retry.timeout, []).append(task)
+        for timeout, tasks in started.items():
+            self._timeouts.watch(tasks, timeout)
         # Not pending in the ledger: another rollback's run holds it (its
         # outcome arrives by polling), or it is done already.
         await self._read_states(unclaimed)
@@ -760,8 +770,14 @@ class RollbackRun:
         now = self.clock.now()
         outcomes = []
         for task in done:
-            self._running_here.discard(self._inflight.pop(task))
-            outcomes.append(self._with_deadline(task.result(), now))
+            key = self._inflight.pop(task)
+            self._running_here.discard(key)
+            if self._timeouts.finished(task):  # cancelled by its timeout before it ran
+                item = self._items[key]
+                outcome = self._retry_or_fail(item, item.attempts, _timed_out(item.step), None)
+            else:
+                outcome = task.result()
+            outcomes.append(self._with_deadline(outcome, now))
         failed: list[tuple[_Item, str]] = []
         for outcome in outcomes:
             item = self._items[outcome.idempotency_key]
@@ -824,13 +840,14 @@ class RollbackRun:
                     )
         await self._read_states(stale)
 
-    async def _attempt(self, item: _Item, attempt: int) -> Outcome:
+    async def _attempt(self, item: _Item, attempt: int, *, traced: bool) -> Outcome:
+        """Run one attempt; `traced`: a tracer provider is installed."""
         event = self._events[item.record.event_id]
-        if not tracing.installed():
+        if not traced:
             # OpenTelemetry's no-op tracer hands back the current span as the
             # "new" one: skipping it changes nothing but the cost (two spans
             # per compensation were ~15% of a worker's CPU in a rollback).
-            outcome = await self._call(item, event, attempt)
+            outcome = await self._call(item, event, attempt, traced=False)
             traceparent = tracing.traceparent_of_span(trace.get_current_span())
             if traceparent is None:
                 return outcome
@@ -849,13 +866,14 @@ class RollbackRun:
                 tracing.ATTEMPT: attempt,
             },
         ) as span:
-            outcome = await self._call(item, event, attempt)
+            outcome = await self._call(item, event, attempt, traced=True)
             _record_outcome(span, outcome)
             return dataclasses.replace(outcome, traceparent=tracing.traceparent_of_span(span))
 
-    async def _call(self, item: _Item, event: TrackedEvent, attempt: int) -> Outcome:
+    async def _call(
+        self, item: _Item, event: TrackedEvent, attempt: int, *, traced: bool
+    ) -> Outcome:
         step = item.step
-        now_error: str
         try:
             argument = self._argument(step, event)
             envelope = envelope_from_tracked(event)
@@ -872,17 +890,18 @@ class RollbackRun:
                 envelope=envelope,
                 saga=step.saga,
                 sink=self.sink,
+                traced=traced,
             )
-            # A timeout scope, not `wait_for`: no extra task per attempt.
-            async with asyncio.timeout(step.retry.timeout):
-                await step.handler(argument, context)
+            # Its timeout is the batch's timer (`HandlerTimeouts`), which
+            # cancels the attempt: no timer per attempt.
+            await step.handler(argument, context)
         except PermanentError as exc:
             return Outcome(item.key, S.FAILED, error=f"permanent error: {exc}")
         except asyncio.CancelledError:
-            raise
-        except TimeoutError:
-            now_error = f"handler timed out after {step.retry.timeout:g}s"
-            return self._retry_or_fail(item, attempt, now_error, None)
+            current = asyncio.current_task()
+            if current is None or not self._timeouts.timed_out(current):
+                raise  # the run is stopping
+            return self._retry_or_fail(item, attempt, _timed_out(step), None)
         except CompensationError as exc:
             return self._retry_or_fail(item, attempt, str(exc), exc.next_retry_delay)
         except Exception as exc:  # a user handler: any error is retried per policy
@@ -921,6 +940,10 @@ class RollbackRun:
             error=error,
             next_attempt_at=self.clock.now() + timedelta(seconds=wait),
         )
+
+
+def _timed_out(step: CompensationStep) -> str:
+    return f"handler timed out after {step.retry.timeout:g}s"
 
 
 def _describe(item: _Item) -> str:

@@ -413,7 +413,7 @@ class TestRetries:
             assert failure[2] == "permanent error: order o1 was archived"
 
     async def test_handler_timeout_counts_as_a_failed_attempt(self) -> None:
-        # The handler timeout is real time (asyncio.wait_for): keep it tiny.
+        # The handler timeout is real time (the event loop's timer): keep it tiny.
         cancelled: list[bool] = []
 
         async with Shop(retry=RetryPolicy(max_attempts=2, jitter=0, timeout=0.05)) as shop:
@@ -450,6 +450,24 @@ class TestRetries:
             assert record.state == RollbackState.FAILED
             (failure,) = shop.h.failures.failed
             assert failure[2] == "gave up after 1 attempts: handler timed out after 0.05s"
+
+    async def test_a_handlers_own_timeout_error_is_not_reported_as_its_timeout(self) -> None:
+        # A TimeoutError raised by the handler (its HTTP client's, say) is its
+        # error, not the step's timeout, which has not run out.
+        async with Shop(retry=RetryPolicy(max_attempts=1, timeout=30)) as shop:
+            placed = shop.event("OrderPlaced")
+            await shop.h.emit(placed)
+
+            async def upstream_slow(ctx: CompensationContext) -> None:
+                raise TimeoutError("the payment provider took too long")
+
+            shop.probes[placed.event_id] = upstream_slow
+            record = await shop.h.rollback(DEPLOYMENT)
+            assert record.state == RollbackState.FAILED
+            (failure,) = shop.h.failures.failed
+            assert failure[2] == (
+                "gave up after 1 attempts: TimeoutError: the payment provider took too long"
+            )
 
     async def test_a_failing_command_sink_is_retried(self) -> None:
         async with Shop() as shop:
