@@ -4,9 +4,12 @@ The table of `python -m bench` times whole processes against a broker, and a
 run's figures move by ±10% with the machine's load; a change worth 3% of a
 compensation's CPU is lost in that. This measures the engine alone, in this
 process, with nothing else running: the peer row's workload (`bench/peer_saga.py`,
-N instances x 2 steps, no confirmations), tracked into a fresh ledger, then
-one rollback through `sagas.testing.SagaTestHarness` (a real ledger, SQLite
-or PostgreSQL; commands recorded instead of produced, so no Kafka client).
+N instances x 2 steps, no confirmations) or the rollback rows' (`bench/saga.py`,
+4 steps over 3 services, each confirmed: the confirming events, built
+beforehand, are tracked in batches as each round's commands are sent), tracked
+into a fresh ledger, then one rollback through `sagas.testing.SagaTestHarness`
+(a real ledger, SQLite or PostgreSQL; commands recorded instead of produced
+and confirmations stored without decoding, so no Kafka client code).
 Reported: the process's CPU time from the signal to the first command
 (planning) and from there to the end (running), per compensation, as the
 median of several rollbacks with [min-max]. The workers' settings that bear
@@ -16,6 +19,7 @@ collector thresholds, no guard on the blast radius's size.
 Examples:
     python -m bench.cpu                         # SQLite, 10,000 compensations, 3 rollbacks
     python -m bench.cpu --database postgres --instances 20000 --repeat 5
+    python -m bench.cpu --workload rollback --instances 2500   # 10,000, confirmed
 """
 
 from __future__ import annotations
@@ -30,12 +34,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.peer_saga import peer
+from bench import peer_saga, saga
 from bench.procs import database, postgres_available
+from bench.services import ROLLED_BACK_TO
+from bench.workload import SERVICE_DEPLOYMENTS, payload_of
 from sagas.context import Headers
+from sagas.definition import Saga
 from sagas.engine import EngineSettings
-from sagas.testing import RecordingSink, SagaTestHarness
+from sagas.ledger import TrackedEvent
+from sagas.planner import idempotency_key
+from sagas.registry import Compensate
+from sagas.testing import RecordingSink, SagaTestHarness, tracked
 from schemas.envelope import EventEnvelope
+from schemas.headers import IDEMPOTENCY_KEY_HEADER
 
 # The benchmark's workers run with these (bench/scenarios.py, consumers/worker.py).
 CONCURRENCY = 1024
@@ -57,65 +68,139 @@ class Measurement:
         return self.plan_cpu + self.run_cpu
 
 
-class _FirstCommand(RecordingSink):
-    """Records commands, and the process CPU time when the first one was sent."""
+@dataclass(frozen=True)
+class Workload:
+    """A saga module, its steps in forward order, and whether services confirm."""
 
-    def __init__(self) -> None:
+    saga: Saga
+    # (event type, service, command name, confirmation type or None)
+    steps: tuple[tuple[str, str, str, str | None], ...]
+
+    @property
+    def confirmed(self) -> bool:
+        return any(confirm is not None for *_, confirm in self.steps)
+
+
+WORKLOADS = {
+    # The peer row's: 2 steps, no confirmations.
+    "peer": Workload(peer_saga.peer, peer_saga.STEPS),
+    # The rollback rows': 4 steps over 3 services, each confirmed.
+    "rollback": Workload(saga.bench, saga.STEPS),
+}
+DEPLOYMENT = "bench-orders-2.0"
+
+
+class _Services(RecordingSink):
+    """Records commands and the process CPU time when the first one was sent;
+    with confirmations, queues each command's confirming event (built before
+    the rollback, so that building it is not counted) for `confirm`."""
+
+    def __init__(self, confirmations: dict[str, TrackedEvent]) -> None:
         super().__init__()
         self.first_cpu: float | None = None
+        self.confirmations = confirmations
+        self.pending: list[TrackedEvent] = []
+        self.arrived = asyncio.Event()
 
     async def send(self, topic: str, value: bytes, key: bytes | None, headers: Headers) -> None:
         if self.first_cpu is None:
             self.first_cpu = time.process_time()
         await super().send(topic, value, key, headers)
+        if self.confirmations:
+            idempotency = dict(headers)[IDEMPOTENCY_KEY_HEADER].decode()
+            self.pending.append(self.confirmations[idempotency])
+            self.arrived.set()
+
+    async def confirm(self, harness: SagaTestHarness) -> None:
+        """Track the queued confirmations in batches, as the worker's tracker would."""
+        while True:
+            await self.arrived.wait()
+            self.arrived.clear()
+            await asyncio.sleep(0)  # the rest of the round's commands
+            batch, self.pending = self.pending, []
+            for start in range(0, len(batch), BATCH):
+                part = batch[start : start + BATCH]
+                result = await harness.ledger.track(
+                    part, now=harness.clock.now(), confirmed_by=harness.engine.instance_id
+                )
+                await harness.engine.on_tracked(result)
 
 
-def _instance(harness: SagaTestHarness, n: int) -> list[EventEnvelope]:
-    """One saga instance of the peer workload: an order placed, its payment captured."""
+def _instance(
+    harness: SagaTestHarness, workload: Workload, n: int
+) -> tuple[list[EventEnvelope], dict[str, TrackedEvent]]:
+    """Saga instance `n`'s events, and the confirmation of each one's compensation by key."""
     order_id = f"order-{n}"
-    placed = harness.envelope(
-        "PeerOrderPlaced",
-        {"order_id": order_id, "customer_id": f"customer-{n % 97}", "total_cents": 1000 + n},
-        deployment_id="orders-2.0",
-        correlation_id=order_id,
-    )
-    captured = harness.envelope(
-        "PeerPaymentCaptured",
-        {"order_id": order_id, "payment_id": f"payment-{n}", "amount_cents": 1000 + n},
-        deployment_id="payments-1.4",
-        correlation_id=order_id,
-        causation_id=placed.event_id,
-    )
-    return [placed, captured]
+    events: list[EventEnvelope] = []
+    confirmations: dict[str, TrackedEvent] = {}
+    for event_type, service, _, confirm in workload.steps:
+        event = harness.envelope(
+            event_type,
+            payload_of(event_type, n, order_id),
+            deployment_id=DEPLOYMENT if service == "orders" else SERVICE_DEPLOYMENTS[service],
+            service=service,
+            correlation_id=order_id,
+            causation_id=events[-1].event_id if events else None,
+            key=order_id,
+        )
+        events.append(event)
+        if confirm is None:
+            continue
+        resolution = harness.registry.resolve(event_type, 1)
+        assert isinstance(resolution, Compensate)
+        key = idempotency_key(event.event_id, resolution.step.name)
+        confirmations[key] = tracked(
+            harness.envelope(
+                confirm,
+                {"order_id": order_id},
+                deployment_id=SERVICE_DEPLOYMENTS.get(service, ROLLED_BACK_TO),
+                service=service,
+                correlation_id=order_id,
+                causation_id=key,
+                key=order_id,
+            )
+        )
+    return events, confirmations
 
 
-async def measure(url: str, instances: int) -> Measurement:
-    """Track `instances` x 2 events into the ledger at `url`, then roll them back once."""
+async def measure(url: str, instances: int, workload: Workload = WORKLOADS["peer"]) -> Measurement:
+    """Track `instances` saga instances into the ledger at `url`, then roll them back once."""
     settings = EngineSettings(
         poll_interval=0.5, concurrency=CONCURRENCY, max_compensations=100_000_000
     )
-    sink = _FirstCommand()
-    harness = SagaTestHarness(peer, settings=settings, database_url=url)
-    harness.commands = sink  # before its engine is made, at `async with`
+    confirmations: dict[str, TrackedEvent] = {}
+    services = _Services(confirmations)
+    harness = SagaTestHarness(workload.saga, settings=settings, database_url=url)
+    harness.commands = services  # before its engine is made, at `async with`
     async with harness:
-        envelopes = [e for n in range(instances) for e in _instance(harness, n)]
+        envelopes = []
+        for n in range(instances):
+            events, confirming = _instance(harness, workload, n)
+            envelopes += events
+            confirmations.update(confirming)
         for start in range(0, len(envelopes), BATCH):
             await harness.emit(*envelopes[start : start + BATCH])
+        expected = len(envelopes)
         del envelopes
         gc.collect()
-        cpu, wall = time.process_time(), time.perf_counter()
-        record = await harness.rollback("orders-2.0")
-        cpu_end, wall_end = time.process_time(), time.perf_counter()
-        if record.state != "completed" or len(sink.sent) != 2 * instances:
+        confirming_task = asyncio.create_task(services.confirm(harness))
+        try:
+            cpu, wall = time.process_time(), time.perf_counter()
+            record = await harness.rollback(DEPLOYMENT)
+            cpu_end, wall_end = time.process_time(), time.perf_counter()
+        finally:
+            confirming_task.cancel()
+            await asyncio.gather(confirming_task, return_exceptions=True)
+        if record.state != "completed" or len(services.sent) != expected:
             raise RuntimeError(
-                f"the rollback ended {record.state} with {len(sink.sent)} of "
-                f"{2 * instances} commands sent: {record.error}"
+                f"the rollback ended {record.state} with {len(services.sent)} of "
+                f"{expected} commands sent: {record.error}"
             )
-        assert sink.first_cpu is not None
+        assert services.first_cpu is not None
         return Measurement(
-            compensations=2 * instances,
-            plan_cpu=sink.first_cpu - cpu,
-            run_cpu=cpu_end - sink.first_cpu,
+            compensations=expected,
+            plan_cpu=services.first_cpu - cpu,
+            run_cpu=cpu_end - services.first_cpu,
             wall=wall_end - wall,
         )
 
@@ -126,13 +211,13 @@ def _us(seconds: list[float], count: int) -> str:
     return f"{statistics.median(each):.1f} [{min(each):.1f}-{max(each):.1f}] µs"
 
 
-def report(kind: str, results: list[Measurement]) -> str:
+def report(kind: str, workload: str, results: list[Measurement]) -> str:
     """The lines printed for one database."""
     count = results[0].compensations
     walls = [r.wall for r in results]
     return "\n".join(
         [
-            f"{kind}, {count:,} compensations, {len(results)} rollback(s), "
+            f"{kind}, {workload} workload, {count:,} compensations, {len(results)} rollback(s), "
             f"CPU per compensation, median [min-max]:",
             f"  total    {_us([r.total_cpu for r in results], count)}",
             f"  planning {_us([r.plan_cpu for r in results], count)}  (signal -> first command)",
@@ -149,10 +234,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--database", choices=("sqlite", "postgres", "both"), default="sqlite")
     parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="peer",
+        help="peer: 2 steps, no confirmations (default); rollback: 4 steps, each confirmed",
+    )
+    parser.add_argument(
         "--instances",
         type=int,
         default=5_000,
-        help="saga instances of 2 steps (default 5,000: 10,000 compensations)",
+        help="saga instances (default 5,000: 10,000 compensations of the peer workload)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="rollbacks measured (default 3)")
     return parser.parse_args(argv)
@@ -168,9 +259,9 @@ async def main_async(args: argparse.Namespace) -> int:
             results = []
             for _ in range(args.repeat):
                 async with database(kind, Path(folder)) as db:
-                    results.append(await measure(db.url, args.instances))
+                    results.append(await measure(db.url, args.instances, WORKLOADS[args.workload]))
             label = "SQLite" if kind == "sqlite" else "PostgreSQL"
-            print(report(label, results), flush=True)
+            print(report(label, args.workload, results), flush=True)
     return 0
 
 

@@ -53,7 +53,7 @@ class Workload:
         return [command_topic(s, self.prefix) for s in SERVICES]
 
 
-def _payload(event_type: str, n: int, order_id: str) -> dict[str, object]:
+def payload_of(event_type: str, n: int, order_id: str) -> dict[str, object]:
     """The payload of instance `n`'s event of `event_type` (Bench* and Peer* alike)."""
     if event_type.endswith("OrderPlaced"):
         return {"order_id": order_id, "customer_id": f"c-{n % 977}", "total_cents": 4200}
@@ -76,7 +76,7 @@ def envelopes(
         at = base + timedelta(milliseconds=n)
         for step, (event_type, service, _, _) in enumerate(steps):
             event_id = str(uuid.uuid4())
-            payload = _payload(event_type, n, order_id)
+            payload = payload_of(event_type, n, order_id)
             document: dict[str, object] = {
                 "event_id": event_id,
                 "event_type": event_type,

@@ -1,9 +1,10 @@
 """`python -m bench.cpu`: the in-process CPU yardstick runs on both ledgers and
 reports what docs/benchmarks.md says it does.
 
-Not a timed test: it checks that every rollback completed (the tool fails
-otherwise) and that the figures it prints are consistent with one another,
-never how large they are.
+Not a timed test: it checks that every rollback completed, every command
+sent and, in the rollback workload, confirmed (the tool fails otherwise),
+and that the figures it prints are consistent with one another, never how
+large they are.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ FIGURE = r"([0-9.]+) \[([0-9.]+)-([0-9.]+)\]"
 
 
 @pytest.mark.timeout(300)
-def test_it_reports_cpu_per_compensation_on_both_ledgers() -> None:
+@pytest.mark.parametrize(("workload", "steps"), [("peer", 2), ("rollback", 4)])
+def test_it_reports_cpu_per_compensation_on_both_ledgers(workload: str, steps: int) -> None:
     completed = subprocess.run(
         [
             sys.executable,
             "-m",
             "bench.cpu",
+            "--workload",
+            workload,
             "--database",
             "both",
             "--instances",
-            "300",
+            "150",
             "--repeat",
             "2",
         ],
@@ -46,7 +50,10 @@ def test_it_reports_cpu_per_compensation_on_both_ledgers() -> None:
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]
     for label in ("SQLite", "PostgreSQL"):
-        header = f"{label}, 600 compensations, 2 rollback(s), CPU per compensation"
+        header = (
+            f"{label}, {workload} workload, {150 * steps} compensations, 2 rollback(s), "
+            "CPU per compensation"
+        )
         assert header in completed.stdout, output
         section = completed.stdout.split(header, 1)[1]
         figures = {}
