@@ -26,7 +26,8 @@ from rich.console import Console
 
 from bench.procs import postgres_available
 from bench.report import SCENARIOS, markdown, print_report
-from bench.scenarios import Bench, Sizes, run_all, summary
+from bench.scenarios import DEFAULT_CONCURRENCY, Bench, Sizes, run_all, summary
+from consumers.memory import WORKER_GC_THRESHOLDS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=1024,
-        help="BACKOUT_CONCURRENCY of the workers (default 1024; the worker's own default is 64)",
+        default=DEFAULT_CONCURRENCY,
+        help=f"BACKOUT_CONCURRENCY of the workers (default {DEFAULT_CONCURRENCY}; "
+        "the worker's own default is 64)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument(
@@ -126,7 +128,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(*WORKER_GC_THRESHOLDS)
     return asyncio.run(main_async(parse_args(argv)))
 
 

@@ -36,8 +36,10 @@ from pathlib import Path
 
 from bench import peer_saga, saga
 from bench.procs import database, postgres_available
+from bench.scenarios import DEFAULT_CONCURRENCY
 from bench.services import ROLLED_BACK_TO
 from bench.workload import SERVICE_DEPLOYMENTS, payload_of
+from consumers.memory import WORKER_GC_THRESHOLDS
 from sagas.context import Headers
 from sagas.definition import Saga
 from sagas.engine import EngineSettings
@@ -48,9 +50,6 @@ from sagas.testing import RecordingSink, SagaTestHarness, tracked
 from schemas.envelope import EventEnvelope
 from schemas.headers import IDEMPOTENCY_KEY_HEADER
 
-# The benchmark's workers run with these (bench/scenarios.py, consumers/worker.py).
-CONCURRENCY = 1024
-GC_THRESHOLDS = (50_000, 20, 100)
 BATCH = 2_000  # events per tracking batch, as the worker's tracker reads them
 
 
@@ -70,15 +69,11 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Workload:
-    """A saga module, its steps in forward order, and whether services confirm."""
+    """A saga module and its steps in forward order."""
 
     saga: Saga
     # (event type, service, command name, confirmation type or None)
     steps: tuple[tuple[str, str, str, str | None], ...]
-
-    @property
-    def confirmed(self) -> bool:
-        return any(confirm is not None for *_, confirm in self.steps)
 
 
 WORKLOADS = {
@@ -119,11 +114,7 @@ class _Services(RecordingSink):
             await asyncio.sleep(0)  # the rest of the round's commands
             batch, self.pending = self.pending, []
             for start in range(0, len(batch), BATCH):
-                part = batch[start : start + BATCH]
-                result = await harness.ledger.track(
-                    part, now=harness.clock.now(), confirmed_by=harness.engine.instance_id
-                )
-                await harness.engine.on_tracked(result)
+                await harness.emit_tracked(*batch[start : start + BATCH])
 
 
 def _instance(
@@ -166,7 +157,7 @@ def _instance(
 async def measure(url: str, instances: int, workload: Workload = WORKLOADS["peer"]) -> Measurement:
     """Track `instances` saga instances into the ledger at `url`, then roll them back once."""
     settings = EngineSettings(
-        poll_interval=0.5, concurrency=CONCURRENCY, max_compensations=100_000_000
+        poll_interval=0.5, concurrency=DEFAULT_CONCURRENCY, max_compensations=100_000_000
     )
     confirmations: dict[str, TrackedEvent] = {}
     services = _Services(confirmations)
@@ -266,7 +257,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc.set_threshold(*WORKER_GC_THRESHOLDS)
     return asyncio.run(main_async(parse_args(argv)))
 
 

@@ -48,6 +48,9 @@ from consumers.client import signal_record
 from schemas.signal import RollbackSignal
 
 DBOS_PYTHON = REPO / "bench" / ".venv-dbos" / "bin" / "python"
+# The workers' BACKOUT_CONCURRENCY (their own default is 64: see "Concurrency"
+# in docs/benchmarks.md).
+DEFAULT_CONCURRENCY = 1024
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Bench:
     databases: list[str]
     workdir: Path
     # Compensations in flight (BACKOUT_CONCURRENCY); the worker's default is 64.
-    concurrency: int = 1024
+    concurrency: int = DEFAULT_CONCURRENCY
     log: Callable[[str], None] = field(default=lambda text: print(text, file=sys.stderr))
     rows: list[Row] = field(default_factory=list)
 

@@ -228,10 +228,12 @@ class SagaTestHarness:
 
     async def emit(self, *envelopes: EventEnvelope) -> TrackResult:
         """Track envelopes as the worker would (confirmations and late events included)."""
+        return await self.emit_tracked(*(tracked(e) for e in envelopes))
+
+    async def emit_tracked(self, *events: TrackedEvent) -> TrackResult:
+        """`emit` for events already in their ledger form (`tracked(envelope)`)."""
         result = await self.ledger.track(
-            [tracked(e) for e in envelopes],
-            now=self.clock.now(),
-            confirmed_by=self.engine.instance_id,
+            list(events), now=self.clock.now(), confirmed_by=self.engine.instance_id
         )
         await self.engine.on_tracked(result)
         return result

@@ -10,42 +10,24 @@ large they are.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.support.worker import subprocess_env
+from tests.support.worker import run_module
 
-ROOT = Path(__file__).resolve().parents[2]
 FIGURE = r"([0-9.]+) \[([0-9.]+)-([0-9.]+)\]"
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("workload", "steps"), [("peer", 2), ("rollback", 4)])
 def test_it_reports_cpu_per_compensation_on_both_ledgers(workload: str, steps: int) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.cpu",
-            "--workload",
-            workload,
-            "--database",
-            "both",
-            "--instances",
-            "150",
-            "--repeat",
-            "2",
-        ],
-        cwd=ROOT,
-        env=subprocess_env({}),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
+    completed = run_module(
+        "bench.cpu",
+        f"--workload={workload}",
+        "--database=both",
+        "--instances=150",
+        "--repeat=2",
         timeout=280,
-        check=False,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.worker import subprocess_env
+from tests.support.worker import run_module, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,16 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(900)
 def test_the_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
     results = tmp_path / "bench.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(results)],
-        cwd=ROOT,
-        env=subprocess_env({}),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=840,
-        check=False,
-    )
+    completed = run_module("bench", "--quick", "--json", str(results), timeout=840)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-6000:]
 

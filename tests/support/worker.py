@@ -61,6 +61,22 @@ def subprocess_env(env: Mapping[str, str]) -> dict[str, str]:
     return base
 
 
+def run_module(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m <args>` from the repository's root, in a Backout subprocess's
+    environment, with nothing on its stdin and its output captured (the
+    benchmark's commands, as docs/benchmarks.md shows them)."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=subprocess_env({}),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 class WorkerError(AssertionError):
     """The worker died, or did not become ready in time (message has the log tail)."""
 
