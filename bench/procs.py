@@ -94,6 +94,31 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def postgres_cpu_seconds() -> float | None:
+    """CPU time the local PostgreSQL server has used, all its processes, in seconds.
+
+    Its live processes' own time, plus what the postmaster's exited children
+    (connections closed since) used, which the kernel adds to the postmaster
+    once it reaps them. None when no PostgreSQL runs on this machine (a
+    remote server's time cannot be read here).
+    """
+    total, found = 0, False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(entry / "stat") as stat:
+                name, rest = stat.read().rsplit(")", 1)
+        except OSError:
+            continue  # exited meanwhile
+        if not name.endswith(("(postgres", "(postmaster")):
+            continue
+        found = True
+        # utime, stime, and the reaped children's cutime, cstime.
+        total += sum(int(v) for v in rest.split()[11:15])
+    return total / CLOCK_TICKS if found else None
+
+
 def machine_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, all cores together."""
     with open("/proc/stat") as stat:

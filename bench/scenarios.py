@@ -39,6 +39,7 @@ from bench.procs import (
     machine_cpu_seconds,
     peak_rss_mb,
     postgres_available,
+    postgres_cpu_seconds,
     run_json,
 )
 from bench.report import Row
@@ -258,7 +259,7 @@ class Bench:
                         higher_is_better=False,
                     )
                 )
-            for name in ("worker", "services", "broker"):
+            for name in CPU_MEASURED:
                 spent = [r[f"{name}_cpu_us"] for r in results if f"{name}_cpu_us" in r]
                 if spent:
                     self.rows.append(
@@ -391,12 +392,12 @@ class Bench:
                 "services": services.pid if confirmed else None,
                 "broker": broker_pid,
             }
-            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_before = self._cpu_by_process(pids, db)
             machine_before = machine_cpu_seconds()
             published = datetime.now(UTC)
             await producer.send_and_wait("backout.rollbacks", value, key=key, headers=headers)
             state = await probe.wait_terminal(signal.signal_id, worker, timeout=120 + size / 50)
-            cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_after = self._cpu_by_process(pids, db)
             machine_after = machine_cpu_seconds()
             if confirmed:
                 services.check_alive("bench services")
@@ -420,7 +421,7 @@ class Bench:
             }
             if confirmed:
                 result["confirmed_s"] = (times["last_confirmed"] - published).total_seconds()
-            for name in pids:
+            for name in cpu_before:
                 before, after = cpu_before[name], cpu_after[name]
                 if before is not None and after is not None:
                     result[f"{name}_cpu_us"] = (after - before) / size * 1e6
@@ -435,6 +436,16 @@ class Bench:
             with contextlib.suppress(Exception):
                 await producer.stop()
             await probe.close()
+
+    @staticmethod
+    def _cpu_by_process(pids: dict[str, int | None], db: Database) -> dict[str, float | None]:
+        """CPU seconds used so far by each process in `pids`, and by the
+        PostgreSQL server when the ledger is there (`database`: every
+        connection's, the probe's polls included)."""
+        spent = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        if db.kind == "postgres":
+            spent["database"] = postgres_cpu_seconds()
+        return spent
 
     def _profiler(self, worker: Worker, tag: str) -> Child | None:
         """py-spy on the worker when `$BENCH_PROFILE` names a folder (collapsed stacks)."""
@@ -642,6 +653,11 @@ def _dbos_missing() -> str | None:
     return None
 
 
+# Whose CPU time a rollback run reports per compensation ("database": the
+# PostgreSQL server's, measured only when the ledger is there).
+CPU_MEASURED = ("worker", "services", "broker", "database")
+
+
 def _label(kind: str) -> str:
     return "SQLite" if kind == "sqlite" else "PostgreSQL"
 
@@ -650,7 +666,7 @@ def _cpu_summary(result: dict[str, float]) -> str:
     """CPU per compensation by process, and how busy the machine was, for the log."""
     spent = ", ".join(
         f"{name} {result[f'{name}_cpu_us']:.0f}"
-        for name in ("worker", "services", "broker")
+        for name in CPU_MEASURED
         if f"{name}_cpu_us" in result
     )
     return f"CPU us/compensation: {spent}; machine {result['machine_busy']:.0%} busy"
