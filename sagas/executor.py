@@ -206,6 +206,10 @@ class RollbackRun:
         self._inflight: dict[asyncio.Task[Outcome], str] = {}
         self._timeouts = HandlerTimeouts()
         self._running_here: set[str] = set()
+        # Keys another rollback's run has claimed (found `running` in the
+        # ledger, not claimed here): its outcome does not mark the row as
+        # changed for polls (`changed_at`), so each poll reads them by key.
+        self._elsewhere: set[str] = set()
         # Keys whose dependencies are done and that are pending; the heap
         # orders them by plan position and may hold stale entries.
         self._ready: set[str] = set()
@@ -329,6 +333,9 @@ class RollbackRun:
                     next_attempt_at=record.next_attempt_at,
                     confirm_deadline=record.confirm_deadline,
                 )
+                if record.state == S.RUNNING:
+                    # Not this rollback's claim: `run` released those first.
+                    self._elsewhere.add(record.idempotency_key)
             self._items[record.idempotency_key] = item
         for record in fresh:
             item = self._items[record.idempotency_key]
@@ -461,7 +468,7 @@ class RollbackRun:
             item = self._items.get(key)
             if item is not None and state != item.state and key not in self._running_here:
                 differ.append(key)
-        await self._read_states(differ)
+        await self._read_states(differ + sorted(self._elsewhere.difference(differ)))
 
     async def _read_states(self, keys: list[str]) -> None:
         """Take the ledger's word for `keys`: changed elsewhere, or a write of
@@ -475,12 +482,13 @@ class RollbackRun:
             return
         for record in await self.ledger.get_compensations(keys):
             item = self._items.get(record.idempotency_key)
-            if (
-                item is None
-                or record.state == item.state
-                or item.state in FINAL_STATES
-                or item.key in self._running_here
-            ):
+            if item is None or item.key in self._running_here:
+                continue
+            if record.state == S.RUNNING and item.state not in FINAL_STATES:
+                self._elsewhere.add(item.key)  # see `_elsewhere`
+            else:
+                self._elsewhere.discard(item.key)
+            if record.state == item.state or item.state in FINAL_STATES:
                 continue
             item.attempts = record.attempts
             item.next_attempt_at = record.next_attempt_at
@@ -714,6 +722,8 @@ class RollbackRun:
                 continue
             item.attempts += 1
             self._running_here.add(item.key)
+            if self._elsewhere:
+                self._elsewhere.discard(item.key)
             task = asyncio.create_task(self._attempt(item, item.attempts, traced=traced))
             self._inflight[task] = item.key
             started.setdefault(item.step.retry.timeout, []).append(task)

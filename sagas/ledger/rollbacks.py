@@ -436,13 +436,16 @@ class RollbackStore:
         """(key, state) of a rollback's compensations changed by someone else since `since`.
 
         "Someone else": a confirmation or an operator skip (whoever wrote it),
-        an operator retry (pending again with a fresh budget), or a claim by
-        another rollback sharing the key. The run's own writes are left out,
-        so a poll reads what changed elsewhere, not the run's own progress;
-        so are confirmations recorded with `confirmed_by` = `known_to` (the
-        engine of the run, told of them in memory). Only two columns are
-        read; the run fetches whole records (`get_compensations`) for keys
-        whose state differs from what it knows.
+        an operator retry (pending again with a fresh budget), or another
+        rollback sharing the key expiring, blocking or releasing its claim.
+        Claims and outcomes mark nothing changed (`changed_at`): a run learns
+        of another rollback's claim when its own finds the key taken, and
+        reads those keys itself at each poll. So a poll reads what changed
+        elsewhere, not the run's own progress; confirmations recorded with
+        `confirmed_by` = `known_to` (the engine of the run, told of them in
+        memory) are left out too. Only two columns are read; the run fetches
+        whole records (`get_compensations`) for keys whose state differs from
+        what it knows.
         """
         c = t.compensations.c
         query = _changed_elsewhere(
@@ -535,6 +538,7 @@ class RollbackStore:
                 last_error=error,
                 next_attempt_at=now,
                 updated_at=now,
+                changed_at=now,
             )
         )
 
@@ -548,7 +552,7 @@ class RollbackStore:
         reason: str | None = None,
     ) -> list[str]:
         """Move keys to `state` where they are in one of `only_from`; return those moved."""
-        values: dict[str, Any] = {"state": state, "updated_at": now}
+        values: dict[str, Any] = {"state": state, "updated_at": now, "changed_at": now}
         if state == S.SKIPPED:
             values["skip_reason"] = reason
         if state == S.PENDING:
@@ -564,16 +568,22 @@ class RollbackStore:
 
         Called when a rollback resumes after a crash: the intent was recorded,
         the outcome is unknown, so the handler runs again with the same key.
+        Through the rollback's plan (`state` has no index: see the table).
         """
+        c = t.compensations.c
+        in_plan = select(t.rollback_items.c.idempotency_key).where(
+            t.rollback_items.c.rollback_id == rollback_id
+        )
         async with write_transaction(self.engine) as conn:
             result = await conn.execute(
                 update(t.compensations)
                 .where(
-                    t.compensations.c.claimed_by == rollback_id,
-                    t.compensations.c.state == S.RUNNING,
+                    c.idempotency_key.in_(in_plan),
+                    c.claimed_by == rollback_id,
+                    c.state == S.RUNNING,
                 )
-                .values(state=S.PENDING, next_attempt_at=None, updated_at=now)
-                .returning(t.compensations.c.idempotency_key)
+                .values(state=S.PENDING, next_attempt_at=None, updated_at=now, changed_at=now)
+                .returning(c.idempotency_key)
             )
             return list(result.scalars().all())
 
@@ -587,6 +597,7 @@ class RollbackStore:
             attempts=0,
             next_attempt_at=None,
             updated_at=now,
+            changed_at=now,
         )
 
     async def skip_compensation(self, key: str, *, reason: str, now: datetime) -> None:
@@ -598,6 +609,7 @@ class RollbackStore:
             state=S.SKIPPED,
             skip_reason=reason,
             updated_at=now,
+            changed_at=now,
         )
 
     async def _operator_move(
@@ -722,6 +734,8 @@ def _insert_items(
             "confirm_type": i.confirm_type,
             "created_at": now,
             "updated_at": now,
+            # No `changed_at`: a run reads its new plan whole, and its polls
+            # then need not walk the rows its plan just stored.
         }
         for i in items
     ]
@@ -779,7 +793,9 @@ def _insert_items(
                 one_of(conn, t.compensations.c.idempotency_key, part),
                 t.compensations.c.state == S.FAILED,
             )
-            .values(state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now)
+            .values(
+                state=S.PENDING, attempts=0, next_attempt_at=None, updated_at=now, changed_at=now
+            )
         )
     return inserted
 
@@ -919,7 +935,7 @@ def _changed_elsewhere(
     # First, before the plan lookup: at 100,000 events ~10,000 rows changed
     # within a poll's window, nearly all confirmations the run was told of.
     told = [] if known_to is None else [or_(c.confirmed_by.is_(None), c.confirmed_by != known_to)]
-    # EXISTS, not a join: SQLite then walks the `updated_at` index (what
+    # EXISTS, not a join: SQLite then walks the `changed_at` index (what
     # changed) and probes the plan's primary key, instead of walking the
     # whole plan and probing each compensation (measured: O(plan) per poll).
     in_plan = (
@@ -931,7 +947,7 @@ def _changed_elsewhere(
         .exists()
     )
     return query.where(
-        c.updated_at >= since,
+        c.changed_at >= since,
         *told,
         in_plan,
         or_(

@@ -31,6 +31,10 @@ metadata = MetaData(
 
 ID = String(255)
 
+# Percent of each `compensations` page PostgreSQL fills on insert: the rest
+# takes the rows' next versions, so that an update can stay on the page.
+COMPENSATIONS_FILLFACTOR = 50
+
 
 class UtcDateTime(TypeDecorator[datetime]):
     """An aware time, stored as UTC on every backend.
@@ -147,11 +151,23 @@ compensations = Table(
     # Span context of the last attempt, for linking the confirmation span.
     Column("traceparent", String(64)),
     Column("created_at", Time, nullable=False),
+    # Every change, the run's own claims and outcomes included (shown to
+    # operators). Not indexed, nor is `state`: a run's claims and outcomes
+    # then change no indexed column, and PostgreSQL updates the row in place
+    # on its page (a HOT update) instead of adding an entry to every index.
     Column("updated_at", Time, nullable=False),
+    # Changes a run polls for, made elsewhere: every write but a run's own
+    # claims and outcomes (a confirmation, an operator's retry or skip, a
+    # plan reopening a failed compensation, an expiry, a block, a release);
+    # None until the first. Runs poll "what changed since my last look" on
+    # its index; they learn of another rollback's claims when their own
+    # claim finds the key taken, and read those keys at each poll after
+    # (`RollbackRun._refresh`).
+    Column("changed_at", Time),
     Index(None, "event_id"),
-    Index(None, "state"),
-    # Runs poll "what changed since my last look" (other workers, operators).
-    Index(None, "updated_at"),
+    Index(None, "changed_at"),
+    # Room on each page for the new versions of its rows (HOT updates).
+    postgresql_with={"fillfactor": COMPENSATIONS_FILLFACTOR},
 )
 
 rollback_items = Table(

@@ -507,6 +507,7 @@ def _confirm(
                 confirmed_at=now,
                 confirmed_by=confirmed_by,
                 updated_at=now,
+                changed_at=now,
             )
             .returning(t.compensations.c.idempotency_key)
         )

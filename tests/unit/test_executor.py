@@ -1272,6 +1272,32 @@ class TestSignals:
             assert len(shop.calls) == 6
             assert sorted(c.key for c in shop.calls) == sorted({c.key for c in shop.calls})
 
+    async def test_a_rollback_sees_the_outcome_of_a_claim_another_rollback_holds(self) -> None:
+        # A run's own claims and outcomes mark nothing changed for the polls
+        # of other runs (`changed_at`): the second rollback learns of the
+        # first one's claim when its own claim finds the key taken, and must
+        # then read that key itself until its outcome lands.
+        async with Shop() as shop:
+            _, _, reserved = await shop.checkout("c1")
+            shop.gates[reserved.event_id] = asyncio.Event()
+            first = await shop.h.rollback(DEPLOYMENT, settle=False)
+            await wait_for(lambda: len(shop.calls) == 1, timeout=10, message="first claim")
+            second = await shop.h.rollback(DEPLOYMENT, settle=False)
+
+            def second_waits() -> bool:
+                run = shop.h.engine._runs.get(second.rollback_id)
+                return run is not None and run.idle
+
+            await wait_for(second_waits, timeout=10, message="the second run waiting")
+            shop.gates[reserved.event_id].set()
+            done = [
+                await shop.h.settle(r.rollback_id, max_fake_seconds=60) for r in (first, second)
+            ]
+
+            assert [r.state for r in done] == [RollbackState.COMPLETED] * 2
+            assert sorted(c.key for c in shop.calls) == sorted({c.key for c in shop.calls})
+            assert len(shop.calls) == 3
+
     async def test_unknown_deployment_is_rejected_with_a_clear_error(self) -> None:
         async with Shop() as shop:
             await shop.checkout("c1")
