@@ -81,16 +81,25 @@ def rss_mb(pid: int) -> float | None:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time a live process (all its threads) has used, in seconds."""
-    if pid is None:
-        return None
+def _proc_stat(process: Path) -> tuple[str, list[str]] | None:
+    """A process's command name and the fields of its /proc/<pid>/stat after
+    it, counted from utime's index 11 (None: the process is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            # The command name (field 2) may hold spaces: count fields after it.
-            fields = stat.read().rsplit(")", 1)[1].split()
+        with open(process / "stat") as stat:
+            # The command name (field 2) may hold spaces and parentheses: it
+            # ends at the last ")".
+            head, rest = stat.read().rsplit(")", 1)
     except OSError:
         return None
+    return head.split("(", 1)[1], rest.split()
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time a live process (all its threads) has used, in seconds."""
+    stat = None if pid is None else _proc_stat(Path(f"/proc/{pid}"))
+    if stat is None:
+        return None
+    fields = stat[1]
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
@@ -103,19 +112,13 @@ def postgres_cpu_seconds() -> float | None:
     remote server's time cannot be read here).
     """
     total, found = 0, False
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(entry / "stat") as stat:
-                name, rest = stat.read().rsplit(")", 1)
-        except OSError:
-            continue  # exited meanwhile
-        if not name.endswith(("(postgres", "(postmaster")):
-            continue
+    for process in Path("/proc").iterdir():
+        stat = _proc_stat(process) if process.name.isdigit() else None
+        if stat is None or stat[0] not in ("postgres", "postmaster"):
+            continue  # not a process, exited meanwhile, or not PostgreSQL's
         found = True
         # utime, stime, and the reaped children's cutime, cstime.
-        total += sum(int(v) for v in rest.split()[11:15])
+        total += sum(int(v) for v in stat[1][11:15])
     return total / CLOCK_TICKS if found else None
 
 
